@@ -1,0 +1,238 @@
+"""LoRALinear against the formula in float64: forward, backward, init, dropout, merge, errors."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+from peftlite import LoRALinear, PeftliteError
+from peftlite.exact_merge import _BITS
+from tests.models import DTYPES, assert_close_scaled
+
+
+def make_layer(in_features, out_features, rank, dtype=torch.float32, bias=True, seed=0, **kwargs):
+    torch.manual_seed(seed)
+    layer = LoRALinear(nn.Linear(in_features, out_features, bias=bias).to(dtype), rank, **kwargs)
+    with torch.no_grad():
+        layer.lora_B.normal_(0, 0.5)  # nonzero: zero B hides bugs in the update path
+    return layer
+
+
+def reference(x, layer, mask=None):
+    """y = x W^T + b + scaling * ((mask * x) A^T) B^T, all in float64 from the layer's values."""
+    x64 = x.double()
+    weight, a, b = (t.detach().double() for t in (layer.weight, layer.lora_A, layer.lora_B))
+    y = x64 @ weight.T + (0 if layer.bias is None else layer.bias.detach().double())
+    h = x64 if mask is None else x64 * mask.double()
+    return y + layer.scaling * (h @ a.T) @ b.T
+
+
+def reference_grads(x, layer, grad_out):
+    """Gradients of <y, grad_out> w.r.t. x, A and B through the float64 reference."""
+    x64 = x.detach().double().requires_grad_(True)
+    a = layer.lora_A.detach().double().requires_grad_(True)
+    b = layer.lora_B.detach().double().requires_grad_(True)
+    weight = layer.weight.detach().double()
+    y = x64 @ weight.T + layer.scaling * (x64 @ a.T) @ b.T
+    y.backward(grad_out.double())
+    return x64.grad, a.grad, b.grad
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("bias", [True, False])
+def test_forward_and_backward_match_float64_reference(dtype, bias):
+    layer = make_layer(37, 29, 5, dtype, bias=bias, alpha=11)
+    x = torch.randn(3, 7, 37).to(dtype).requires_grad_(True)
+    y = layer(x)
+    assert y.shape == (3, 7, 29) and y.dtype == dtype
+    assert_close_scaled(y, reference(x, layer), dtype)
+    grad_out = torch.randn_like(y)
+    y.backward(grad_out)
+    gx, ga, gb = reference_grads(x, layer, grad_out)
+    assert_close_scaled(x.grad, gx, dtype)
+    assert_close_scaled(layer.lora_A.grad, ga, dtype)
+    assert_close_scaled(layer.lora_B.grad, gb, dtype)
+    assert layer.weight.grad is None and (layer.bias is None or layer.bias.grad is None)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    batch=st.lists(st.integers(1, 4), min_size=0, max_size=2),
+    in_features=st.integers(1, 40), out_features=st.integers(1, 40), rank=st.integers(1, 64),
+    dtype=st.sampled_from(DTYPES), alpha=st.floats(0.25, 64), rslora=st.booleans(),
+)
+def test_matches_reference_over_shapes(batch, in_features, out_features, rank, dtype, alpha, rslora):
+    layer = make_layer(in_features, out_features, rank, dtype, alpha=alpha, rslora=rslora)
+    expected_scaling = alpha / math.sqrt(rank) if rslora else alpha / rank
+    assert layer.scaling == pytest.approx(expected_scaling)
+    x = torch.randn(*batch, in_features).to(dtype).requires_grad_(True)
+    y = layer(x)
+    assert y.shape == (*batch, out_features)
+    assert_close_scaled(y, reference(x, layer), dtype)
+    grad_out = torch.randn_like(y)
+    y.backward(grad_out)
+    gx, ga, gb = reference_grads(x, layer, grad_out)
+    assert_close_scaled(x.grad, gx, dtype)
+    assert_close_scaled(layer.lora_A.grad, ga, dtype)
+    assert_close_scaled(layer.lora_B.grad, gb, dtype)
+
+
+def test_gradcheck_float64():
+    layer = make_layer(6, 5, 3, torch.float64, alpha=4)
+    x = torch.randn(4, 6, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x, a, b: torch.func.functional_call(layer, {"lora_A": a, "lora_B": b}, x),
+                                    (x, layer.lora_A, layer.lora_B))
+
+
+def test_non_contiguous_input():
+    layer = make_layer(8, 6, 2)
+    x = torch.randn(8, 5, 3).permute(2, 1, 0)  # [3, 5, 8], not contiguous
+    assert not x.is_contiguous()
+    assert_close_scaled(layer(x), reference(x, layer), torch.float32)
+
+
+def test_holds_base_parameters_without_copying_and_freezes_them():
+    base = nn.Linear(10, 7)
+    layer = LoRALinear(base, rank=3)
+    assert layer.weight is base.weight and layer.bias is base.bias
+    assert not layer.weight.requires_grad and not layer.bias.requires_grad
+    assert layer.lora_A.requires_grad and layer.lora_B.requires_grad
+    assert set(layer.state_dict()) == {"weight", "bias", "lora_A", "lora_B"}
+    assert layer.lora_A.shape == (3, 10) and layer.lora_B.shape == (7, 3)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_default_init_equals_base_exactly(dtype):
+    torch.manual_seed(0)
+    base = nn.Linear(33, 17).to(dtype)
+    x = torch.randn(4, 33).to(dtype)
+    expected = base(x)
+    layer = LoRALinear(base, rank=8)
+    assert layer.lora_A.dtype == dtype and layer.lora_B.dtype == dtype
+    assert torch.equal(layer(x), expected)
+    assert layer.lora_A.abs().sum() > 0 and layer.lora_B.abs().sum() == 0
+    bound = 1 / math.sqrt(33)  # kaiming_uniform(a=sqrt(5)) bound for fan_in 33
+    assert layer.lora_A.abs().max() <= bound
+
+
+def test_gaussian_init_std_is_one_over_rank():
+    torch.manual_seed(0)
+    layer = LoRALinear(nn.Linear(2000, 4), rank=4, init="gaussian")
+    assert layer.lora_A.std().item() == pytest.approx(1 / 4, rel=0.03)
+    assert layer.lora_A.mean().abs().item() < 0.01
+    assert layer.lora_B.abs().sum() == 0
+
+
+def test_dropout_applies_to_the_adapter_input_only():
+    layer = make_layer(64, 16, 4, dropout=0.5)
+    x = torch.randn(50, 64)
+    torch.manual_seed(123)
+    y = layer(x)
+    torch.manual_seed(123)
+    mask = F.dropout(torch.ones_like(x), 0.5, True)  # the same Bernoulli draw, scaled by 1/(1-p)
+    assert_close_scaled(y, reference(x, layer, mask), torch.float32)
+    dropped = (mask == 0).double().mean().item()
+    assert 0.45 < dropped < 0.55
+    layer.eval()
+    assert_close_scaled(layer(x), reference(x, layer), torch.float32)
+
+
+def test_autocast_bfloat16():
+    layer = make_layer(16, 8, 4)
+    x = torch.randn(5, 16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(x)
+    assert y.dtype == torch.bfloat16
+    assert_close_scaled(y, reference(x, layer), torch.bfloat16)
+
+
+def bits(t):
+    return t.detach().view(_BITS[t.dtype]).clone()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_merge_equals_unmerged_and_unmerge_is_bit_exact(dtype):
+    layer = make_layer(48, 40, 8, dtype, alpha=16)
+    original = bits(layer.weight)
+    x = torch.randn(6, 48).to(dtype)
+    expected = reference(x, layer)
+    with torch.no_grad():
+        unmerged = layer(x)
+        layer.merge()
+        layer.merge()  # idempotent
+        merged = layer(x)
+    assert layer.merged and layer.merge_state_bytes() >= layer.weight.numel()
+    assert not torch.equal(bits(layer.weight), original)
+    assert_close_scaled(merged, expected, dtype)
+    assert_close_scaled(unmerged, expected, dtype)
+    for _ in range(200):
+        layer.unmerge()
+        layer.unmerge()  # idempotent
+        assert torch.equal(bits(layer.weight), original)
+        layer.merge()
+    layer.unmerge()
+    assert torch.equal(bits(layer.weight), original) and layer.merge_state_bytes() == 0
+
+
+def test_merged_forward_is_one_linear():
+    layer = make_layer(12, 9, 3)
+    layer.merge()
+    x = torch.randn(4, 12)
+    with torch.no_grad():
+        assert torch.equal(layer(x), F.linear(x, layer.weight, layer.bias))
+
+
+def test_merge_refuses_non_finite_and_changes_nothing():
+    layer = make_layer(8, 8, 2, torch.float16)
+    with torch.no_grad():
+        layer.lora_B.fill_(300.0)
+        layer.lora_A.fill_(300.0)  # 300*300*2 overflows float16
+    before = bits(layer.weight)
+    with pytest.raises(PeftliteError, match="NaN or Inf"):
+        layer.merge()
+    assert not layer.merged and torch.equal(bits(layer.weight), before)
+
+
+def test_training_a_merged_layer_is_an_error():
+    layer = make_layer(8, 8, 2)
+    layer.merge()
+    with pytest.raises(PeftliteError, match="unmerge"):
+        layer(torch.randn(2, 8))
+    with torch.no_grad():
+        layer(torch.randn(2, 8))  # inference is fine
+    layer.eval()
+    layer(torch.randn(2, 8))
+
+
+def test_adapter_changed_while_merged_refuses_unmerge():
+    layer = make_layer(8, 8, 2)
+    layer.merge()
+    merged = bits(layer.weight)
+    with torch.no_grad():
+        layer.lora_A.add_(1.0)
+    with pytest.raises(PeftliteError, match="modified"):
+        layer.unmerge()
+    assert layer.merged and torch.equal(bits(layer.weight), merged)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"rank": 0}, "rank=0"), ({"rank": 2.5}, "rank=2.5"), ({"alpha": 0}, "alpha=0"), ({"alpha": -1.0}, "alpha=-1.0"),
+    ({"dropout": 1.0}, "dropout=1.0"), ({"dropout": -0.1}, "dropout=-0.1"), ({"init": "pissa"}, "init='pissa'"),
+])
+def test_bad_options_raise(kwargs, match):
+    base = nn.Linear(4, 4)
+    before = base.weight.detach().clone()
+    with pytest.raises(PeftliteError, match=match):
+        LoRALinear(base, **{"rank": 2, **kwargs})
+    assert base.weight.requires_grad and torch.equal(base.weight, before)
+
+
+def test_bad_base_raises():
+    with pytest.raises(PeftliteError, match="Conv1d"):
+        LoRALinear(nn.Conv1d(2, 2, 1))
+    with pytest.raises(PeftliteError, match="already has LoRA"):
+        LoRALinear(LoRALinear(nn.Linear(3, 3)))
