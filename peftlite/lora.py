@@ -8,6 +8,7 @@ from torch import nn
 
 from .errors import PeftliteError
 from .exact_merge import MergeResidual, merge_exact, unmerge_exact
+from .ops.autograd import lora_linear
 
 INITS = ("default", "gaussian")
 
@@ -88,16 +89,15 @@ class LoRALinear(nn.Module):
         if self.merged:
             self._refuse_training_while_merged()
             return F.linear(x, self.weight, self.bias)
-        x2 = x.reshape(-1, self.in_features)  # [M, in], a view for contiguous x
-        h = F.dropout(x2, self.dropout, self.training) if self.dropout else x2
-        if self.bias is None:
-            y = torch.mm(x2, self.weight.t())  # [M, out]
-        else:
-            y = torch.addmm(self.bias, x2, self.weight.t())
-        t = torch.mm(h, self.lora_A.t())  # [M, rank]
-        lora_B = self.lora_B if self.lora_B.dtype == t.dtype else self.lora_B.to(t.dtype)  # autocast
-        y.addmm_(t, lora_B.t(), alpha=self.scaling)  # y += scaling * t B^T, accumulated in place
-        return y.view(*x.shape[:-1], self.out_features)
+        dropout = self.dropout if self.training else 0.0
+        weight, bias, lora_A, lora_B = self.weight, self.bias, self.lora_A, self.lora_B
+        device = x.device.type
+        if torch.is_autocast_enabled(device):  # a custom Function is not autocast: cast as F.linear would
+            dtype = torch.get_autocast_dtype(device)
+            with torch.autocast(device, enabled=False):
+                return lora_linear(x.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype),
+                                   lora_A.to(dtype), lora_B.to(dtype), self.scaling, dropout)
+        return lora_linear(x, weight, bias, lora_A, lora_B, self.scaling, dropout)
 
     def delta_weight(self) -> torch.Tensor:
         """``scaling * B @ A`` as a new [out, in] tensor, in float32 (float64 for float64 layers)."""

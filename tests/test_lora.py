@@ -11,6 +11,8 @@ from torch import nn
 
 from peftlite import LoRALinear, PeftliteError
 from peftlite.exact_merge import _BITS
+from peftlite.ops.dropout import drop_positions
+from peftlite.ops.reference import lora_forward
 from tests.models import DTYPES, assert_close_scaled
 
 
@@ -22,23 +24,19 @@ def make_layer(in_features, out_features, rank, dtype=torch.float32, bias=True, 
     return layer
 
 
-def reference(x, layer, mask=None):
-    """y = x W^T + b + scaling * ((mask * x) A^T) B^T, all in float64 from the layer's values."""
-    x64 = x.double()
+def reference(x, layer, keep=None):
+    """The layer's output from ops.reference.lora_forward, everything in float64."""
     weight, a, b = (t.detach().double() for t in (layer.weight, layer.lora_A, layer.lora_B))
-    y = x64 @ weight.T + (0 if layer.bias is None else layer.bias.detach().double())
-    h = x64 if mask is None else x64 * mask.double()
-    return y + layer.scaling * (h @ a.T) @ b.T
+    bias = None if layer.bias is None else layer.bias.detach().double()
+    return lora_forward(x.detach().double(), weight, bias, a, b, layer.scaling, keep)
 
 
-def reference_grads(x, layer, grad_out):
-    """Gradients of <y, grad_out> w.r.t. x, A and B through the float64 reference."""
+def reference_grads(x, layer, grad_out, keep=None):
+    """Gradients of <y, grad_out> w.r.t. x, A and B: float64 autograd through the reference forward."""
     x64 = x.detach().double().requires_grad_(True)
     a = layer.lora_A.detach().double().requires_grad_(True)
     b = layer.lora_B.detach().double().requires_grad_(True)
-    weight = layer.weight.detach().double()
-    y = x64 @ weight.T + layer.scaling * (x64 @ a.T) @ b.T
-    y.backward(grad_out.double())
+    lora_forward(x64, layer.weight.detach().double(), None, a, b, layer.scaling, keep).backward(grad_out.double())
     return x64.grad, a.grad, b.grad
 
 
@@ -127,16 +125,28 @@ def test_gaussian_init_std_is_one_over_rank():
     assert layer.lora_B.abs().sum() == 0
 
 
-def test_dropout_applies_to_the_adapter_input_only():
-    layer = make_layer(64, 16, 4, dropout=0.5)
-    x = torch.randn(50, 64)
+def keep_mask(shape, p, seed):
+    """The inverted-dropout mask LoRALinear draws after torch.manual_seed(seed)."""
+    torch.manual_seed(seed)
+    keep = torch.full(shape, 1 / (1 - p), dtype=torch.float64)
+    keep.view(-1)[drop_positions(keep.numel(), p)] = 0
+    return keep
+
+
+@pytest.mark.parametrize("p", [0.1, 0.5])
+def test_dropout_applies_to_the_adapter_input_only(p):
+    layer = make_layer(64, 16, 4, dropout=p)
+    x = torch.randn(50, 64, requires_grad=True)
     torch.manual_seed(123)
     y = layer(x)
-    torch.manual_seed(123)
-    mask = F.dropout(torch.ones_like(x), 0.5, True)  # the same Bernoulli draw, scaled by 1/(1-p)
-    assert_close_scaled(y, reference(x, layer, mask), torch.float32)
-    dropped = (mask == 0).double().mean().item()
-    assert 0.45 < dropped < 0.55
+    keep = keep_mask(x.shape, p, 123)
+    assert_close_scaled(y, reference(x, layer, keep), torch.float32)
+    grad_out = torch.randn_like(y)
+    y.backward(grad_out)
+    gx, ga, gb = reference_grads(x, layer, grad_out, keep)
+    assert_close_scaled(x.grad, gx, torch.float32)
+    assert_close_scaled(layer.lora_A.grad, ga, torch.float32)
+    assert_close_scaled(layer.lora_B.grad, gb, torch.float32)
     layer.eval()
     assert_close_scaled(layer(x), reference(x, layer), torch.float32)
 

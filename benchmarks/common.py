@@ -1,0 +1,81 @@
+"""Shared benchmark plumbing: interleaved timing, saved-activation bytes, run metadata, JSON output."""
+
+import datetime
+import json
+import platform
+import statistics
+import subprocess
+import time
+from pathlib import Path
+
+import torch
+
+
+def device_name() -> str:
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name()
+    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []:
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor() or "cpu"
+
+
+def metadata(**extra) -> dict:
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        commit = "unknown"
+    versions = {"torch": torch.__version__}
+    for name in ("peft", "triton", "transformers"):
+        try:
+            versions[name] = __import__(name).__version__
+        except ImportError:
+            pass
+    return {"device": device_name(), "threads": torch.get_num_threads(), "versions": versions, "commit": commit,
+            "date": datetime.date.today().isoformat(), **extra}
+
+
+def interleaved(contenders: dict, rounds: int, warmup: int, inner: int = 1) -> dict[str, list[float]]:
+    """Seconds per call for each contender, timed A B C A B C ... so drift hits all alike."""
+    for _ in range(warmup):
+        for fn in contenders.values():
+            fn()
+    times = {name: [] for name in contenders}
+    for _ in range(rounds):
+        for name, fn in contenders.items():
+            start = time.perf_counter()
+            for _ in range(inner):
+                fn()
+            times[name].append((time.perf_counter() - start) / inner)
+    return times
+
+
+def summarize(times: dict[str, list[float]], baseline: str) -> dict[str, dict]:
+    """Median time and median of per-round ratios against ``baseline``."""
+    base = times[baseline]
+    return {name: {"median_ms": 1e3 * statistics.median(t),
+                   "ratio_vs_base": statistics.median(a / b for a, b in zip(t, base))}
+            for name, t in times.items()}
+
+
+def saved_activation_bytes(fn) -> int:
+    """Bytes of tensors autograd saves for backward during ``fn()`` (parameters included once each)."""
+    seen, total = set(), 0
+
+    def pack(tensor):
+        nonlocal total
+        key = (tensor.untyped_storage().data_ptr(), tensor.dtype, tuple(tensor.shape))
+        if key not in seen:
+            seen.add(key)
+            total += tensor.numel() * tensor.element_size()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return total
+
+
+def write_results(path: Path, payload: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(payload, indent=2) + "\n")

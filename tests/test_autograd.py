@@ -1,0 +1,96 @@
+"""LoRAFunction (lora_linear) against ops.reference: forward, hand-written backward, needs_input_grad."""
+
+import itertools
+
+import pytest
+import torch
+
+from peftlite.ops.autograd import lora_linear
+from peftlite.ops.dropout import drop_positions
+from peftlite.ops.reference import lora_backward, lora_forward
+from tests.models import DTYPES, assert_close_scaled
+
+
+def tensors(m, k, n, r, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(m, k, generator=g)
+    weight, bias = torch.randn(n, k, generator=g) / k ** 0.5, torch.randn(n, generator=g)
+    a, b = torch.randn(r, k, generator=g) / k ** 0.5, torch.randn(n, r, generator=g)  # nonzero B
+    return [t.to(dtype) for t in (x, weight, bias, a, b)]
+
+
+def keep_from_seed(shape, p, seed):
+    torch.manual_seed(seed)
+    keep = torch.full(shape, 1 / (1 - p), dtype=torch.float64)
+    keep.view(-1)[drop_positions(keep.numel(), p)] = 0
+    return keep
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("m, k, n, r", [(1, 1, 1, 1), (13, 7, 5, 3), (33, 65, 17, 16), (4, 3, 9, 64)])
+@pytest.mark.parametrize("p", [0.0, 0.25])
+def test_forward_backward_match_reference(dtype, m, k, n, r, p):
+    x, weight, bias, a, b = tensors(m, k, n, r, dtype)
+    for t in (x, a, b):
+        t.requires_grad_(True)
+    torch.manual_seed(5)
+    y = lora_linear(x, weight, bias, a, b, 1.5, p)
+    keep = keep_from_seed(x.shape, p, 5) if p else None
+    d = [t.detach().double() for t in (x, weight, bias, a, b)]
+    assert_close_scaled(y, lora_forward(*d, 1.5, keep), dtype)
+    grad = torch.randn(m, n).to(dtype)
+    y.backward(grad)
+    dx, da, db = lora_backward(grad.double(), d[0], d[1], d[3], d[4], 1.5, keep)
+    assert_close_scaled(x.grad, dx, dtype)
+    assert_close_scaled(a.grad, da, dtype)
+    assert_close_scaled(b.grad, db, dtype)
+
+
+@pytest.mark.parametrize("flags", list(itertools.product([False, True], repeat=5)))
+def test_only_requested_gradients_are_computed(flags):
+    values = tensors(6, 5, 4, 2, torch.float64)
+    inputs = [t.clone().requires_grad_(f) for t, f in zip(values, flags)]
+    expected = [t.clone().requires_grad_(f) for t, f in zip(values, flags)]
+    y = lora_linear(*inputs, 0.7)
+    y_ref = lora_forward(*expected, 0.7)
+    torch.testing.assert_close(y, y_ref)
+    if not any(flags):
+        assert not y.requires_grad
+        return
+    grad = torch.randn_like(y)
+    y.backward(grad)
+    y_ref.backward(grad)
+    for got, want, flag in zip(inputs, expected, flags):
+        assert (got.grad is None) == (not flag)
+        if flag:
+            torch.testing.assert_close(got.grad, want.grad)
+
+
+@pytest.mark.parametrize("p", [0.0, 0.3])
+def test_gradcheck(p):
+    x, weight, bias, a, b = tensors(5, 4, 3, 2, torch.float64)
+    inputs = [t.requires_grad_(True) for t in (x, weight, bias, a, b)]
+
+    def seeded(*args):
+        torch.manual_seed(0)  # the same dropped positions on every evaluation
+        return lora_linear(*args, 1.3, p)
+
+    assert torch.autograd.gradcheck(seeded, inputs)
+
+
+def test_batched_and_non_contiguous_inputs():
+    x, weight, bias, a, b = tensors(24, 6, 5, 3, torch.float32)
+    x3 = x.view(4, 6, 6).transpose(0, 1)  # [6, 4, 6], not contiguous
+    y = lora_linear(x3, weight, bias, a, b, 2.0)
+    assert y.shape == (6, 4, 5)
+    expected = lora_forward(*(t.double() for t in (x3.reshape(-1, 6), weight, bias, a, b)), 2.0)
+    assert_close_scaled(y.reshape(-1, 5), expected, torch.float32)
+
+
+def test_empty_batch():
+    x, weight, bias, a, b = tensors(0, 4, 3, 2, torch.float32)
+    a.requires_grad_(True)
+    y = lora_linear(x, weight, bias, a, b, 1.0, 0.1)
+    assert y.shape == (0, 3)
+    y.sum().backward()
+    assert torch.equal(a.grad, torch.zeros_like(a))
