@@ -72,12 +72,11 @@ def merge(model: nn.Module) -> nn.Module:
     layers = require_lora(model, "merge")
     pending = [(name, layer) for name, layer in layers.items() if not layer.merged]
     for name, layer in pending:  # first pass: check only, so a bad layer changes nothing
-        merged, _ = layer.merged_weight()
-        if not merged.isfinite().all():
+        if not layer.merge_is_finite():
             raise PeftliteError(f"merging layer '{name}' gives NaN or Inf weights; no layer was changed. "
                                 "Check its lora_A/lora_B for NaN/Inf or overflow in the weight's dtype.")
     for _, layer in pending:
-        layer.commit_merge(*layer.merged_weight())
+        layer.commit_merge()
     return model
 
 
@@ -90,7 +89,7 @@ def unmerge(model: nn.Module) -> nn.Module:
     merged = [layer for layer in layers.values() if layer.merged]
     for name, layer in layers.items():
         if layer.merged and not layer.exactly_unmergeable():
-            raise PeftliteError(f"layer '{name}': its adapter, dtype or device changed while merged, so its weight "
+            raise PeftliteError(f"layer '{name}': its weight, adapter, dtype or device changed while merged, so its weight "
                                 "cannot be restored exactly; no layer was changed. Unmerge before changing them.")
     for layer in merged:
         layer.unmerge()

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import PeftliteError
-from .exact_merge import MergeResidual, merge_exact, unmerge_exact
+from .exact_merge import MergeResidual, merge_exact, rounded_add, unmerge_exact
 from .ops.autograd import lora_linear
 
 INITS = ("default", "gaussian")
@@ -105,10 +105,6 @@ class LoRALinear(nn.Module):
         with torch.no_grad():
             return torch.mm(self.lora_B.to(dtype), self.lora_A.to(dtype)).mul_(self.scaling)
 
-    def merged_weight(self) -> tuple[torch.Tensor, MergeResidual]:
-        """The weight :meth:`merge` would write, and the state that makes it exactly reversible."""
-        return merge_exact(self.weight.detach(), self.delta_weight())
-
     def merge(self) -> None:
         """Fold the update into ``weight`` in place: ``W <- round(W + scaling * B A)``. Idempotent.
 
@@ -117,16 +113,20 @@ class LoRALinear(nn.Module):
         """
         if self.merged:
             return
-        merged, residual = self.merged_weight()
-        if not torch.isfinite(merged).all():
+        if not self.merge_is_finite():
             raise PeftliteError(
                 f"merging this layer ({self.out_features}x{self.in_features}, rank {self.rank}) gives NaN or Inf "
                 "weights; nothing was changed. Check lora_A/lora_B for NaN/Inf or overflow in the weight's dtype."
             )
-        self.commit_merge(merged, residual)
+        self.commit_merge()
 
-    def commit_merge(self, merged: torch.Tensor, residual: MergeResidual) -> None:
-        """Write a weight computed by :meth:`merged_weight`; used to merge many layers atomically."""
+    def merge_is_finite(self) -> bool:
+        """Whether :meth:`merge` would give a weight free of NaN and Inf (checks, changes nothing)."""
+        return bool(rounded_add(self.weight.detach(), self.delta_weight()).isfinite().all())
+
+    def commit_merge(self) -> None:
+        """Merge without the finiteness check; ``merge(model)`` checks every layer first, then commits."""
+        merged, residual = merge_exact(self.weight.detach(), self.delta_weight())
         with torch.no_grad():
             self.weight.copy_(merged)
         self._residual = residual
@@ -139,8 +139,8 @@ class LoRALinear(nn.Module):
             return
         if not self.exactly_unmergeable():
             raise PeftliteError(
-                "lora_A/lora_B were modified, or the layer was moved to another dtype or device, while it was "
-                "merged, so unmerge() can no longer recover the original weight exactly. Reload the base weights "
+                "the weight or lora_A/lora_B were modified, or the layer was moved to another dtype or device, while "
+                "it was merged, so unmerge() can no longer recover the original weight exactly. Reload the base weights "
                 "(and the adapter) instead; to change or move an adapter, unmerge first."
             )
         with torch.no_grad():
@@ -149,13 +149,13 @@ class LoRALinear(nn.Module):
         self.merged = False
 
     def exactly_unmergeable(self) -> bool:
-        """False if the adapter, dtype or device changed since :meth:`merge` (only meaningful while merged)."""
+        """False if the weight, adapter, dtype or device changed since :meth:`merge` (meaningful while merged)."""
         return self._merge_key() == self._merged_key
 
     def _merge_key(self) -> tuple:
         """What must not change between merge and unmerge for the exact inverse to hold."""
-        return (self.lora_A._version, self.lora_B._version, self.weight.dtype, self.weight.device,
-                self.lora_A.dtype, self.lora_A.device)
+        return (self.weight._version, self.lora_A._version, self.lora_B._version, self.weight.dtype,
+                self.weight.device, self.lora_A.dtype, self.lora_A.device)
 
     def merge_state_bytes(self) -> int:
         """Bytes held to make :meth:`unmerge` exact (0 while unmerged)."""

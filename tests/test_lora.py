@@ -218,12 +218,16 @@ def test_training_a_merged_layer_is_an_error():
     layer(torch.randn(2, 8))
 
 
-def test_adapter_changed_while_merged_refuses_unmerge():
+@pytest.mark.parametrize("change", [
+    lambda layer: layer.lora_A.add_(1.0), lambda layer: layer.lora_B.mul_(2.0),
+    lambda layer: layer.weight.copy_(torch.randn(8, 8)), lambda layer: layer.to(torch.float64),
+])
+def test_changes_while_merged_refuse_unmerge(change):
     layer = make_layer(8, 8, 2)
     layer.merge()
-    merged = bits(layer.weight)
     with torch.no_grad():
-        layer.lora_A.add_(1.0)
+        change(layer)
+    merged = bits(layer.weight)
     with pytest.raises(PeftliteError, match="modified"):
         layer.unmerge()
     assert layer.merged and torch.equal(bits(layer.weight), merged)
