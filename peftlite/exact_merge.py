@@ -2,18 +2,20 @@
 
 Merging rounds: ``W' = round(W + d)`` loses the low bits of ``W``, so subtracting ``d`` again
 (what PEFT does) drifts a little on every merge/unmerge cycle. Here, at merge time we also
-compute what an unmerge would give, ``W'' = round(W' - d)``, and keep the per-element
+compute what an unmerge will give, ``W'' = round(W' - d)``, and keep the per-element
 difference between the bit patterns of ``W`` and ``W''`` as one ``int8`` per element. Unmerge
 recomputes ``W''`` from the same ``d`` and adds the difference back to its bit pattern, which
 gives ``W`` exactly. The rare elements whose difference does not fit in an ``int8`` (where
 ``|d|`` dwarfs ``|W|`` or the sign flips) are kept sparsely as (flat index, original bits).
 
 Memory while merged: 1 byte per weight element, plus 8 bytes + the element size per exception.
-Exactness needs the same ``d`` at unmerge time: the same adapter values on the same device
-(``LoRALinear`` checks the first; matrix products on one device are deterministic for the same
-inputs).
+Work is done in blocks of rows, with ``d`` computed block by block (``delta_rows(r0, r1)``), so no
+full-size temporary is made. Exactness needs the same ``d`` at unmerge time: the same adapter
+values on the same device, computed in the same blocks (matrix products are deterministic for
+identical inputs and shapes on one device).
 """
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -27,6 +29,9 @@ _BITS = {
 # Integer type wide enough to subtract two bit patterns of each float type without overflow
 # (float64 wraps around, which the equality check below still handles correctly).
 _WIDE = {torch.int64: torch.int64, torch.int32: torch.int64, torch.int16: torch.int32}
+BLOCK_ELEMENTS = 1 << 16  # per block: small temporaries that stay in cache and are reused by the allocator
+
+DeltaRows = Callable[[int, int], torch.Tensor]  # (r0, r1) -> delta[r0:r1], float32 (float64 for float64)
 
 
 @dataclass
@@ -59,25 +64,47 @@ def rounded_add(weight: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
     return (weight.double() + delta.double()).to(weight.dtype)
 
 
-def merge_exact(weight: torch.Tensor, delta: torch.Tensor) -> tuple[torch.Tensor, MergeResidual]:
-    """Return ``(round(weight + delta), residual)``; :func:`unmerge_exact` inverts it exactly."""
-    merged = rounded_add(weight, delta)
-    back = rounded_add(merged, -delta)
+def row_blocks(weight: torch.Tensor):
+    """(r0, r1) spans of rows, about BLOCK_ELEMENTS elements each; the same for the same shape."""
+    rows = weight.shape[0]
+    cols = weight[0].numel() if rows else 1
+    step = max(1, BLOCK_ELEMENTS // max(1, cols))
+    return [(r0, min(rows, r0 + step)) for r0 in range(0, rows, step)]
+
+
+def merge_is_finite(weight: torch.Tensor, delta_rows: DeltaRows) -> bool:
+    """Whether ``round(weight + delta)`` holds no NaN or Inf. Reads only."""
+    return all(bool(rounded_add(weight[r0:r1], delta_rows(r0, r1)).isfinite().all()) for r0, r1 in row_blocks(weight))
+
+
+def merge_exact_(weight: torch.Tensor, delta_rows: DeltaRows) -> MergeResidual:
+    """Overwrite ``weight`` with ``round(weight + delta)``; return what :func:`unmerge_exact_` needs."""
     bits, wide = _BITS[weight.dtype], _WIDE[_BITS[weight.dtype]]
-    original = weight.view(bits).to(wide)
-    recomputed = back.view(bits).to(wide)
-    residual = (original - recomputed).clamp_(-128, 127).to(torch.int8)
-    misses = (recomputed + residual.to(wide)) != original
-    exc_index = misses.flatten().nonzero().flatten()
-    exc_bits = weight.view(bits).flatten()[exc_index].clone()
-    return merged, MergeResidual(residual, exc_index, exc_bits)
+    residual = torch.empty(weight.shape, dtype=torch.int8, device=weight.device)
+    exc_index, exc_bits = [], []
+    row_size = weight[0].numel() if weight.shape[0] else 0
+    for r0, r1 in row_blocks(weight):
+        block, delta = weight[r0:r1], delta_rows(r0, r1)
+        merged = rounded_add(block, delta)
+        original = block.view(bits).to(wide, copy=True)  # a copy even where wide == bits (float64)
+        recomputed = rounded_add(merged, -delta).view(bits).to(wide)
+        diff = original.sub_(recomputed)
+        fits = diff.clamp(-128, 127)
+        misses = (recomputed.add_(fits) != block.view(bits).to(wide)).flatten().nonzero().flatten()
+        residual[r0:r1] = fits.to(torch.int8)
+        exc_index.append(misses + r0 * row_size)
+        exc_bits.append(block.view(bits).flatten()[misses])
+        block.copy_(merged)
+    return MergeResidual(residual, torch.cat(exc_index) if exc_index else torch.empty(0, dtype=torch.int64),
+                         torch.cat(exc_bits) if exc_bits else torch.empty(0, dtype=bits))
 
 
-def unmerge_exact(merged: torch.Tensor, delta: torch.Tensor, state: MergeResidual) -> torch.Tensor:
-    """Return the weight that :func:`merge_exact` was given, bit for bit."""
-    back = rounded_add(merged, -delta)
-    bits, wide = _BITS[merged.dtype], _WIDE[_BITS[merged.dtype]]
-    device = merged.device
-    restored = (back.view(bits).to(wide) + state.residual.to(device, wide)).to(bits)
-    restored.view(-1)[state.exc_index.to(device)] = state.exc_bits.to(device)
-    return restored.view(merged.dtype)
+def unmerge_exact_(weight: torch.Tensor, delta_rows: DeltaRows, state: MergeResidual) -> None:
+    """Overwrite merged ``weight`` with the weight :func:`merge_exact_` was given, bit for bit."""
+    bits, wide = _BITS[weight.dtype], _WIDE[_BITS[weight.dtype]]
+    residual = state.residual.to(weight.device)
+    for r0, r1 in row_blocks(weight):
+        block = weight[r0:r1]
+        back = rounded_add(block, -delta_rows(r0, r1)).view(bits).to(wide)
+        block.view(bits).copy_(back.add_(residual[r0:r1]))  # the narrowing is exact where it matters
+    weight.view(bits).view(-1)[state.exc_index.to(weight.device)] = state.exc_bits.to(weight.device)

@@ -7,7 +7,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import PeftliteError
-from .exact_merge import MergeResidual, merge_exact, rounded_add, unmerge_exact
+from . import exact_merge
+from .exact_merge import MergeResidual
 from .ops.autograd import lora_linear
 
 INITS = ("default", "gaussian")
@@ -101,9 +102,13 @@ class LoRALinear(nn.Module):
 
     def delta_weight(self) -> torch.Tensor:
         """``scaling * B @ A`` as a new [out, in] tensor, in float32 (float64 for float64 layers)."""
+        return self._delta_rows(0, self.out_features)
+
+    def _delta_rows(self, r0: int, r1: int) -> torch.Tensor:
+        """Rows ``r0:r1`` of :meth:`delta_weight`: ``scaling * B[r0:r1] @ A``."""
         dtype = torch.promote_types(self.weight.dtype, torch.float32)
         with torch.no_grad():
-            return torch.mm(self.lora_B.to(dtype), self.lora_A.to(dtype)).mul_(self.scaling)
+            return torch.mm(self.lora_B[r0:r1].to(dtype), self.lora_A.to(dtype)).mul_(self.scaling)
 
     def merge(self) -> None:
         """Fold the update into ``weight`` in place: ``W <- round(W + scaling * B A)``. Idempotent.
@@ -122,14 +127,12 @@ class LoRALinear(nn.Module):
 
     def merge_is_finite(self) -> bool:
         """Whether :meth:`merge` would give a weight free of NaN and Inf (checks, changes nothing)."""
-        return bool(rounded_add(self.weight.detach(), self.delta_weight()).isfinite().all())
+        return exact_merge.merge_is_finite(self.weight.detach(), self._delta_rows)
 
     def commit_merge(self) -> None:
         """Merge without the finiteness check; ``merge(model)`` checks every layer first, then commits."""
-        merged, residual = merge_exact(self.weight.detach(), self.delta_weight())
         with torch.no_grad():
-            self.weight.copy_(merged)
-        self._residual = residual
+            self._residual = exact_merge.merge_exact_(self.weight.detach(), self._delta_rows)
         self._merged_key = self._merge_key()
         self.merged = True
 
@@ -144,7 +147,7 @@ class LoRALinear(nn.Module):
                 "(and the adapter) instead; to change or move an adapter, unmerge first."
             )
         with torch.no_grad():
-            self.weight.copy_(unmerge_exact(self.weight, self.delta_weight(), self._residual))
+            exact_merge.unmerge_exact_(self.weight.detach(), self._delta_rows, self._residual)
         self._residual = None
         self.merged = False
 

@@ -5,12 +5,24 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from peftlite.exact_merge import _BITS, merge_exact, rounded_add, unmerge_exact
+from peftlite.exact_merge import _BITS, merge_exact_, merge_is_finite, rounded_add, unmerge_exact_
 from tests.models import DTYPES
 
 
 def bits(t):
     return t.view(_BITS[t.dtype])
+
+
+def merge_exact(weight, delta):
+    """Out-of-place wrapper for the tests: (merged copy, state)."""
+    merged = weight.clone()
+    return merged, merge_exact_(merged, lambda r0, r1: delta[r0:r1])
+
+
+def unmerge_exact(merged, delta, state):
+    restored = merged.clone()
+    unmerge_exact_(restored, lambda r0, r1: delta[r0:r1], state)
+    return restored
 
 
 def hard_weights(dtype, n=4096, seed=0):
@@ -30,6 +42,7 @@ def test_unmerge_restores_every_bit(dtype, delta_scale):
     delta = delta.to(torch.promote_types(dtype, torch.float32))
     merged, state = merge_exact(weight, delta)
     assert merged.dtype == dtype and torch.isfinite(merged).all()
+    assert torch.equal(bits(merged), bits(rounded_add(weight, delta)))
     restored = unmerge_exact(merged, delta, state)
     assert torch.equal(bits(restored), bits(weight))
     assert state.residual.dtype == torch.int8 and state.residual.shape == weight.shape
@@ -63,3 +76,23 @@ def test_repeated_cycles_are_exact(dtype, seed, weight_scale, delta_scale, cycle
         merged, state = merge_exact(current, delta)
         current = unmerge_exact(merged, delta, state)
     assert torch.equal(bits(current), bits(weight))
+
+
+def test_blocks_cover_tall_and_wide_weights(monkeypatch):
+    monkeypatch.setattr("peftlite.exact_merge.BLOCK_ELEMENTS", 64)  # many blocks, and rows wider than a block
+    for shape in [(37, 5), (3, 100), (1, 1)]:
+        weight = torch.randn(shape).mul(0.02).to(torch.bfloat16)
+        delta = torch.randn(shape) * 50
+        merged, state = merge_exact(weight, delta)
+        assert torch.equal(bits(merged), bits(rounded_add(weight, delta)))
+        if weight.numel() > 1:
+            assert state.exc_index.numel() > 1  # |d| >> |W|: exceptions, in several blocks
+        assert torch.equal(bits(unmerge_exact(merged, delta, state)), bits(weight))
+
+
+def test_finiteness_check_reads_only():
+    weight = torch.ones(4, 4, dtype=torch.float16)
+    delta = torch.zeros(4, 4)
+    delta[3, 3] = 1e6  # overflows float16
+    assert not merge_is_finite(weight, lambda r0, r1: delta[r0:r1])
+    assert torch.equal(weight, torch.ones(4, 4, dtype=torch.float16))

@@ -177,3 +177,13 @@ def test_bert_inject_merge_unload():
         assert_close_scaled(model(ids).logits, before, torch.float32)
         peftlite.unload(model)
         assert_close_scaled(model(ids).logits, before, torch.float32)
+
+
+def test_unloaded_model_exports_with_save_pretrained(tmp_path):
+    from transformers import LlamaForCausalLM
+
+    model = injected_llama()
+    expected = logits(model)
+    peftlite.unload(model).save_pretrained(tmp_path)
+    reloaded = LlamaForCausalLM.from_pretrained(tmp_path).eval()
+    assert_close_scaled(logits(reloaded), expected, torch.float32)
