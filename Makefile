@@ -5,7 +5,7 @@ PYTHON ?= python3
 PIP := $(PYTHON) -m pip
 TORCH_CPU ?= torch==2.13.0
 
-.PHONY: torch install demo test bench clean
+.PHONY: torch install install-demo demo test bench clean
 
 torch:
 	@$(PYTHON) -c "import torch, sys; v = tuple(int(p) for p in torch.__version__.split('+')[0].split('.')[:2]); sys.exit(v < (2, 4))" 2>/dev/null \
@@ -15,7 +15,10 @@ torch:
 install: torch
 	$(PIP) install -q -e ".[test,demo]"
 
-demo: install
+install-demo: torch
+	$(PIP) install -q -e ".[demo]"
+
+demo: install-demo
 	$(PYTHON) examples/quickstart.py
 
 test: install

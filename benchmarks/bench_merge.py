@@ -86,7 +86,8 @@ def main():
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     rows = run(args)
-    print(f"{'contender':<10} {'dtype':<9} {'cycles':>6} {'max |W - W0|':>13} {'exact':>6} {'cycle ms':>9} {'B/elem':>7}")
+    print(f"{'contender':<10} {'dtype':<9} {'cycles':>6} {'max |W - W0|':>13} {'exact':>6} {'cycle ms':>9} "
+          f"{'B/elem':>7}")
     for r in rows:
         state = "" if r["merge_state_bytes_per_element"] is None else f"{r['merge_state_bytes_per_element']:.4f}"
         print(f"{r['contender']:<10} {r['dtype']:<9} {r['cycles']:>6} {r['max_abs_error']:>13.3e} "

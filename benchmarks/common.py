@@ -51,12 +51,16 @@ def interleaved(contenders: dict, rounds: int, warmup: int, inner: int = 1) -> d
     return times
 
 
-def summarize(times: dict[str, list[float]], baseline: str) -> dict[str, dict]:
-    """Median time and median of per-round ratios against ``baseline``."""
-    base = times[baseline]
-    return {name: {"median_ms": 1e3 * statistics.median(t),
-                   "ratio_vs_base": statistics.median(a / b for a, b in zip(t, base))}
-            for name, t in times.items()}
+def summarize(times: dict[str, list[float]], baseline: str, rival: str | None = None) -> dict[str, dict]:
+    """Median time, median of per-round ratios against ``baseline``, and ``rival``'s time over each contender's."""
+    def ratio(a, b):
+        return statistics.median(x / y for x, y in zip(a, b))
+    out = {}
+    for name, t in times.items():
+        out[name] = {"median_ms": 1e3 * statistics.median(t), "ratio_vs_base": ratio(t, times[baseline])}
+        if rival in times:
+            out[name][f"{rival}_time_over_this"] = ratio(times[rival], t)
+    return out
 
 
 def saved_activation_bytes(fn) -> int:

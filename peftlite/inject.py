@@ -89,8 +89,9 @@ def unmerge(model: nn.Module) -> nn.Module:
     merged = [layer for layer in layers.values() if layer.merged]
     for name, layer in layers.items():
         if layer.merged and not layer.exactly_unmergeable():
-            raise PeftliteError(f"layer '{name}': its weight, adapter, dtype or device changed while merged, so its weight "
-                                "cannot be restored exactly; no layer was changed. Unmerge before changing them.")
+            raise PeftliteError(f"layer '{name}': its weight, adapter, dtype or device changed while merged, so "
+                                "its weight cannot be restored exactly; no layer was changed. Unmerge before "
+                                "changing them.")
     for layer in merged:
         layer.unmerge()
     return model

@@ -72,7 +72,9 @@ def read_config(path: Path) -> dict:
 def read_weights(directory: Path) -> dict[str, torch.Tensor]:
     path = directory / WEIGHTS_NAME
     if not path.is_file():
-        pickled = " adapter_model.bin is a pickle, which peftlite never loads." if (directory / "adapter_model.bin").exists() else ""
+        pickled = ""
+        if (directory / "adapter_model.bin").exists():
+            pickled = " adapter_model.bin is a pickle, which peftlite never loads."
         raise PeftliteError(f"{path}: no such file.{pickled} Save the adapter with safetensors "
                             "(PEFT: save_pretrained(..., safe_serialization=True)).")
     try:

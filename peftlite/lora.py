@@ -143,8 +143,8 @@ class LoRALinear(nn.Module):
         if not self.exactly_unmergeable():
             raise PeftliteError(
                 "the weight or lora_A/lora_B were modified, or the layer was moved to another dtype or device, while "
-                "it was merged, so unmerge() can no longer recover the original weight exactly. Reload the base weights "
-                "(and the adapter) instead; to change or move an adapter, unmerge first."
+                "it was merged, so unmerge() can no longer recover the original weight exactly. Reload the base "
+                "weights (and the adapter) instead; to change or move an adapter, unmerge first."
             )
         with torch.no_grad():
             exact_merge.unmerge_exact_(self.weight.detach(), self._delta_rows, self._residual)

@@ -37,7 +37,8 @@ def test_original_checkpoint_loads_into_injected_model():
     model = peftlite.inject(tiny_llama(seed=0), rank=4)
     missing, unexpected = model.load_state_dict(original, strict=False)
     assert unexpected == [] and all("lora" in k for k in missing)
-    assert torch.equal(model.model.layers[0].self_attn.q_proj.weight, original["model.layers.0.self_attn.q_proj.weight"])
+    key = "model.layers.0.self_attn.q_proj.weight"
+    assert torch.equal(model.model.layers[0].self_attn.q_proj.weight, original[key])
 
 
 def test_injected_model_starts_equal_to_base_and_trains_only_adapters():
@@ -61,7 +62,8 @@ def test_injected_model_starts_equal_to_base_and_trains_only_adapters():
 
 @pytest.mark.parametrize("kwargs, match", [
     ({"rank": 0}, "rank=0"), ({"alpha": 0}, "alpha=0"), ({"dropout": 1.0}, "dropout=1.0"),
-    ({"targets": ["q_projj"]}, "Modules that look close: q_proj"), ({"targets": ["self_attn"]}, "expected an nn.Linear"),
+    ({"targets": ["q_projj"]}, "Modules that look close: q_proj"),
+    ({"targets": ["self_attn"]}, "expected an nn.Linear"),
     ({"targets": ["q_proj", "embed_tokens"]}, "Embedding"), ({"init": "olora"}, "init="),
 ])
 def test_bad_inject_raises_and_leaves_model_unchanged(kwargs, match):

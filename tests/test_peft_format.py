@@ -34,8 +34,8 @@ def test_patterns_hold_the_layers_that_differ_and_match_only_them():
 
 def test_configured_targets_follow_peft_rules():
     model = tiny_llama()
-    assert configured_targets(model, {"target_modules": ["q_proj"], "exclude_modules": ["model.layers.1.self_attn.q_proj"]}) == {
-        "model.layers.0.self_attn.q_proj"}
+    config = {"target_modules": ["q_proj"], "exclude_modules": ["model.layers.1.self_attn.q_proj"]}
+    assert configured_targets(model, config) == {"model.layers.0.self_attn.q_proj"}
     assert configured_targets(model, {"target_modules": r".*\.1\.mlp\.(up|down)_proj"}) == {
         "model.layers.1.mlp.up_proj", "model.layers.1.mlp.down_proj"}
     assert len(configured_targets(model, {"target_modules": "all-linear"})) == 14

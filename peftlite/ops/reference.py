@@ -10,8 +10,6 @@ mask already divided by (1 - p). Backward, with g = dL/dy [M, N] and h = keep * 
     dx = g W + keep * (dt A)    [M, K]
 """
 
-import torch
-
 
 def lora_forward(x, weight, bias, lora_A, lora_B, scaling, keep=None):
     h = x if keep is None else x * keep
