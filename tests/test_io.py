@@ -190,3 +190,12 @@ def test_save_while_merged_saves_the_adapter(tmp_path):
     peftlite.merge(model)
     peftlite.save_adapter(model, tmp_path)
     torch.testing.assert_close(outputs(peftlite.load_adapter(tiny_llama(), tmp_path)), expected)
+
+
+def test_load_casts_to_the_model_dtype(tmp_path):
+    source = injected_llama()
+    peftlite.save_adapter(source, tmp_path)
+    model = peftlite.load_adapter(tiny_llama().to(torch.bfloat16), tmp_path)
+    layer = model.model.layers[0].self_attn.q_proj
+    assert layer.lora_A.dtype == torch.bfloat16
+    assert torch.equal(layer.lora_B, source.model.layers[0].self_attn.q_proj.lora_B.detach().to(torch.bfloat16))

@@ -250,3 +250,22 @@ def test_bad_base_raises():
         LoRALinear(nn.Conv1d(2, 2, 1))
     with pytest.raises(PeftliteError, match="already has LoRA"):
         LoRALinear(LoRALinear(nn.Linear(3, 3)))
+
+
+@pytest.mark.parametrize("reentrant", [True, False])
+def test_activation_checkpointing_recomputes_the_same_dropout(reentrant):
+    from torch.utils.checkpoint import checkpoint
+
+    layer = make_layer(24, 12, 4, dropout=0.3)
+    x = torch.randn(9, 24, requires_grad=True)
+    grad_out = torch.randn(9, 12)
+    grads = []
+    for use_checkpoint in (False, True):
+        torch.manual_seed(11)
+        y = checkpoint(layer, x, use_reentrant=reentrant) if use_checkpoint else layer(x)
+        y.backward(grad_out)
+        grads.append([t.grad.clone() for t in (x, layer.lora_A, layer.lora_B)])
+        for t in (x, layer.lora_A, layer.lora_B):
+            t.grad = None
+    for plain, recomputed in zip(*grads):
+        assert torch.equal(plain, recomputed)
