@@ -10,13 +10,14 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
 from . import peft_format as fmt
 from .errors import PeftliteError
 from .inject import freeze_all_but_lora, lora_layers, replace, require_lora
 from .lora import LoRALinear, lora_scaling
+from .safetensors_file import save_file
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -35,7 +36,7 @@ def save_adapter(model: nn.Module, directory) -> Path:
     config = fmt.build_config(model, layers)
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    save_file(fmt.adapter_tensors(layers), str(directory / WEIGHTS_NAME), metadata={"format": "pt"})
+    save_file(fmt.adapter_tensors(layers), directory / WEIGHTS_NAME, metadata={"format": "pt"})
     (directory / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     return directory
 
