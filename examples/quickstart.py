@@ -100,6 +100,18 @@ def bits_per_char(model, data: torch.Tensor, windows: int = 48) -> float:
     return loss_of(model, x, y).item() / math.log(2)
 
 
+@torch.no_grad()
+def sample(model, prompt: str, length: int = 120, temperature: float = 0.7) -> str:
+    """Continue ``prompt`` one character at a time (seeded, so runs are comparable)."""
+    model.eval()
+    generator = torch.Generator().manual_seed(0)
+    ids = encode(prompt).unsqueeze(0)
+    for _ in range(length):
+        probs = torch.softmax(model(ids[:, -CONTEXT:])[0, -1] / temperature, dim=-1)
+        ids = torch.cat([ids, torch.multinomial(probs, 1, generator=generator).view(1, 1)], dim=1)
+    return "".join(chr(i) for i in ids[0].tolist())
+
+
 def train(model, data, steps, lr, desc):
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
@@ -146,6 +158,8 @@ def main():
 
     before = bits_per_char(model, code_test)
     docs_before = bits_per_char(model, docs[-200_000:])
+    prompt = "    def "
+    sample_before = sample(model, prompt)
 
     # --- the peftlite part ---------------------------------------------------------------------
     peftlite.inject(model, rank=args.rank, alpha=2 * args.rank, dropout=0.05)  # every Linear but `head`
@@ -154,6 +168,7 @@ def main():
     print(f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.2f}%)")
     train(model, code_train, args.steps, 3e-3, "LoRA on Python source")
     after = bits_per_char(model, code_test)
+    sample_after = sample(model, prompt)
 
     peftlite.save_adapter(model, OUT / "adapter")  # PEFT format: adapter_model.safetensors + adapter_config.json
     probe = code_test[:CONTEXT].unsqueeze(0)
@@ -168,6 +183,8 @@ def main():
     print(f"bits/char on held-out Python source: {before:.3f} before LoRA -> {after:.3f} after "
           f"({100 * (before - after) / before:.1f}% lower)")
     print(f"bits/char on Python docs (pretraining domain, base model): {docs_before:.3f}")
+    print(f"sample before LoRA: {sample_before!r}")
+    print(f"sample after LoRA:  {sample_after!r}")
     print(f"max |merged - unmerged| logits: {(merged - unmerged).abs().max().item():.2e}")
     print(f"wrote {OUT / 'adapter'}/ and {OUT / 'merged_model.safetensors'} in {time.perf_counter() - started:.0f} s")
 
