@@ -9,7 +9,6 @@ ratio, and saved-activation bytes. Writes benchmarks/results/<device>.json.
 
 import argparse
 import copy
-import re
 import sys
 from pathlib import Path
 
@@ -30,23 +29,10 @@ def make_layers(k, n, rank, dropout, dtype, device):
         ours.lora_B.normal_(0, 0.02)  # trained-looking, nonzero
     layers = {"base": base, "peftlite": ours}
     try:
-        layers["peft"] = peft_layer(base, ours, rank, dropout)
+        layers["peft"] = common.peft_twin(base, ours, rank, dropout)
     except ImportError:
         print("peft is not installed: PEFT rows skipped (pip install peft)")
     return layers
-
-
-def peft_layer(base, ours, rank, dropout):
-    from peft import LoraConfig, inject_adapter_in_model
-
-    holder = nn.Sequential(copy.deepcopy(base))
-    config = LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=dropout, target_modules=["0"])
-    inject_adapter_in_model(config, holder)
-    layer = holder[0]
-    with torch.no_grad():
-        layer.lora_A["default"].weight.copy_(ours.lora_A)
-        layer.lora_B["default"].weight.copy_(ours.lora_B)
-    return layer
 
 
 def train_step(layer, x, grad):
@@ -146,10 +132,7 @@ def main():
     rows = run(args)
     print_table(rows)
     meta = common.metadata(benchmark="lora_layer", rounds=args.rounds, warmup=args.warmup)
-    slug = re.sub(r"[^a-z0-9]+", "-", f"{args.device}-{meta['device']}".lower()).strip("-")
-    out = args.out or Path(__file__).resolve().parent / "results" / f"{slug}.json"
-    common.write_results(out, {"meta": meta, "rows": rows})
-    print(f"wrote {out}")
+    common.write_results(args.device, meta, rows, args.out)
 
 
 if __name__ == "__main__":

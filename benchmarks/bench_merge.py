@@ -9,7 +9,6 @@ Writes benchmarks/results/merge-<device>.json.
 
 import argparse
 import copy
-import re
 import statistics
 import sys
 import time
@@ -32,13 +31,7 @@ def layers(size, rank, dtype):
         ours.lora_B.normal_(0, 0.02)
     out = {"peftlite": ours}
     try:
-        from peft import LoraConfig, inject_adapter_in_model
-        holder = inject_adapter_in_model(LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=["0"]),
-                                         nn.Sequential(copy.deepcopy(base)))
-        with torch.no_grad():
-            holder[0].lora_A["default"].weight.copy_(ours.lora_A)
-            holder[0].lora_B["default"].weight.copy_(ours.lora_B)
-        out["peft"] = holder[0]
+        out["peft"] = common.peft_twin(base, ours, rank)
     except ImportError:
         print("peft is not installed: PEFT rows skipped")
     return base.weight.detach().clone(), out
@@ -92,11 +85,7 @@ def main():
         state = "" if r["merge_state_bytes_per_element"] is None else f"{r['merge_state_bytes_per_element']:.4f}"
         print(f"{r['contender']:<10} {r['dtype']:<9} {r['cycles']:>6} {r['max_abs_error']:>13.3e} "
               f"{str(r['bit_exact']):>6} {r['cycle_ms']:>9.2f} {state:>7}")
-    meta = common.metadata(benchmark="merge_cycles")
-    slug = re.sub(r"[^a-z0-9]+", "-", f"merge-{meta['device']}".lower()).strip("-")
-    out = args.out or Path(__file__).resolve().parent / "results" / f"{slug}.json"
-    common.write_results(out, {"meta": meta, "rows": rows})
-    print(f"wrote {out}")
+    common.write_results("merge", common.metadata(benchmark="merge_cycles"), rows, args.out)
 
 
 if __name__ == "__main__":

@@ -1,8 +1,10 @@
 """Shared benchmark plumbing: interleaved timing, saved-activation bytes, run metadata, JSON output."""
 
+import copy
 import datetime
 import json
 import platform
+import re
 import statistics
 import subprocess
 import time
@@ -80,6 +82,25 @@ def saved_activation_bytes(fn) -> int:
     return total
 
 
-def write_results(path: Path, payload: dict) -> None:
+def write_results(name: str, meta: dict, rows: list, out: Path | None = None) -> Path:
+    """Write ``{"meta", "rows"}`` to ``out`` or ``results/<name>-<device>.json``; return the path."""
+    slug = re.sub(r"[^a-z0-9]+", "-", f"{name}-{meta['device']}".lower()).strip("-")
+    path = out or Path(__file__).resolve().parent / "results" / f"{slug}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(payload, indent=2) + "\n")
+    path.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
+    print(f"wrote {path}")
+    return path
+
+
+def peft_twin(base: torch.nn.Linear, ours, rank: int, dropout: float = 0.0):
+    """HF PEFT's LoRA Linear around a copy of ``base``, with the same alpha, dropout and adapter values."""
+    from peft import LoraConfig, inject_adapter_in_model
+
+    holder = torch.nn.Sequential(copy.deepcopy(base))
+    config = LoraConfig(r=rank, lora_alpha=ours.alpha, lora_dropout=dropout, target_modules=["0"])
+    inject_adapter_in_model(config, holder)
+    layer = holder[0]
+    with torch.no_grad():
+        layer.lora_A["default"].weight.copy_(ours.lora_A)
+        layer.lora_B["default"].weight.copy_(ours.lora_B)
+    return layer

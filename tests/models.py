@@ -11,6 +11,23 @@ TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 2.5e-3, t
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
+def assert_within_rounding(actual: torch.Tensor, expected: torch.Tensor, magnitude: torch.Tensor,
+                           dtype: torch.dtype) -> None:
+    """|actual - expected| <= tol(dtype) * magnitude, elementwise.
+
+    ``magnitude`` is the same formula evaluated on absolute values (|x| |W|^T + ...): the standard
+    forward-error bound of sums of products, so cancellation is accounted for and nothing else is.
+    """
+    error = (actual.detach().to(torch.float64) - expected.to(torch.float64)).abs()
+    bound = TOLERANCE[dtype] * magnitude.to(torch.float64) + torch.finfo(dtype).tiny
+    assert actual.shape == expected.shape, (actual.shape, expected.shape)
+    worst = (error - bound).argmax() if error.numel() else None
+    assert worst is None or (error <= bound).all(), (
+        f"{int((error > bound).sum())} of {error.numel()} elements beyond {TOLERANCE[dtype]:g} x magnitude; worst: "
+        f"got {actual.flatten()[worst].item()}, expected {expected.flatten()[worst].item()}, "
+        f"magnitude {magnitude.flatten()[worst].item()}")
+
+
 def assert_close_scaled(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype) -> None:
     """assert_close with the dtype's tolerance, absolute part scaled by the reference's magnitude."""
     tol = TOLERANCE[dtype]

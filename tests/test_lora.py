@@ -12,8 +12,8 @@ from torch import nn
 from peftlite import LoRALinear, PeftliteError
 from peftlite.exact_merge import _BITS
 from peftlite.ops.dropout import drop_positions
-from peftlite.ops.reference import lora_forward
-from tests.models import DTYPES, assert_close_scaled
+from peftlite.ops.reference import lora_backward, lora_forward
+from tests.models import DTYPES, assert_close_scaled, assert_within_rounding
 
 
 def make_layer(in_features, out_features, rank, dtype=torch.float32, bias=True, seed=0, **kwargs):
@@ -24,20 +24,48 @@ def make_layer(in_features, out_features, rank, dtype=torch.float32, bias=True, 
     return layer
 
 
+def layer_values(layer, absolute=False):
+    """(weight, bias, A, B, scaling) in float64; with ``absolute``, their absolute values."""
+    values = [None if t is None else t.detach().double() for t in (layer.weight, layer.bias, layer.lora_A,
+                                                                    layer.lora_B)]
+    if absolute:
+        values = [None if t is None else t.abs() for t in values]
+    return (*values, abs(layer.scaling) if absolute else layer.scaling)
+
+
 def reference(x, layer, keep=None):
     """The layer's output from ops.reference.lora_forward, everything in float64."""
-    weight, a, b = (t.detach().double() for t in (layer.weight, layer.lora_A, layer.lora_B))
-    bias = None if layer.bias is None else layer.bias.detach().double()
-    return lora_forward(x.detach().double(), weight, bias, a, b, layer.scaling, keep)
+    return lora_forward(x.detach().double(), *layer_values(layer), keep)
 
 
 def reference_grads(x, layer, grad_out, keep=None):
     """Gradients of <y, grad_out> w.r.t. x, A and B: float64 autograd through the reference forward."""
     x64 = x.detach().double().requires_grad_(True)
-    a = layer.lora_A.detach().double().requires_grad_(True)
-    b = layer.lora_B.detach().double().requires_grad_(True)
-    lora_forward(x64, layer.weight.detach().double(), None, a, b, layer.scaling, keep).backward(grad_out.double())
+    weight, _, a, b, scaling = layer_values(layer)
+    a, b = a.requires_grad_(True), b.requires_grad_(True)
+    lora_forward(x64, weight, None, a, b, scaling, keep).backward(grad_out.double())
     return x64.grad, a.grad, b.grad
+
+
+def check_against_reference(layer, x, dtype, keep=None):
+    """Forward and backward of ``layer`` against the float64 reference; returns the output.
+
+    Errors are bounded by the dtype's tolerance times the same formulas on absolute values.
+    """
+    y = layer(x)
+    x_abs = x.detach().double().abs()
+    weight, bias, a, b, scaling = layer_values(layer, absolute=True)
+    assert_within_rounding(y, reference(x, layer, keep), lora_forward(x_abs, weight, bias, a, b, scaling, keep), dtype)
+    grad_out = torch.randn_like(y)
+    y.backward(grad_out)
+    expected = reference_grads(x, layer, grad_out, keep)
+    k, n = layer.in_features, layer.out_features
+    dx_mag, da_mag, db_mag = lora_backward(grad_out.double().abs().reshape(-1, n), x_abs.reshape(-1, k), weight, a,
+                                           b, scaling, None if keep is None else keep.reshape(-1, k))
+    magnitudes = (dx_mag.view(x.shape), da_mag, db_mag)
+    for got, want, magnitude in zip((x.grad, layer.lora_A.grad, layer.lora_B.grad), expected, magnitudes):
+        assert_within_rounding(got, want, magnitude, dtype)
+    return y
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -45,15 +73,8 @@ def reference_grads(x, layer, grad_out, keep=None):
 def test_forward_and_backward_match_float64_reference(dtype, bias):
     layer = make_layer(37, 29, 5, dtype, bias=bias, alpha=11)
     x = torch.randn(3, 7, 37).to(dtype).requires_grad_(True)
-    y = layer(x)
+    y = check_against_reference(layer, x, dtype)
     assert y.shape == (3, 7, 29) and y.dtype == dtype
-    assert_close_scaled(y, reference(x, layer), dtype)
-    grad_out = torch.randn_like(y)
-    y.backward(grad_out)
-    gx, ga, gb = reference_grads(x, layer, grad_out)
-    assert_close_scaled(x.grad, gx, dtype)
-    assert_close_scaled(layer.lora_A.grad, ga, dtype)
-    assert_close_scaled(layer.lora_B.grad, gb, dtype)
     assert layer.weight.grad is None and (layer.bias is None or layer.bias.grad is None)
 
 
@@ -68,15 +89,7 @@ def test_matches_reference_over_shapes(batch, in_features, out_features, rank, d
     expected_scaling = alpha / math.sqrt(rank) if rslora else alpha / rank
     assert layer.scaling == pytest.approx(expected_scaling)
     x = torch.randn(*batch, in_features).to(dtype).requires_grad_(True)
-    y = layer(x)
-    assert y.shape == (*batch, out_features)
-    assert_close_scaled(y, reference(x, layer), dtype)
-    grad_out = torch.randn_like(y)
-    y.backward(grad_out)
-    gx, ga, gb = reference_grads(x, layer, grad_out)
-    assert_close_scaled(x.grad, gx, dtype)
-    assert_close_scaled(layer.lora_A.grad, ga, dtype)
-    assert_close_scaled(layer.lora_B.grad, gb, dtype)
+    assert check_against_reference(layer, x, dtype).shape == (*batch, out_features)
 
 
 def test_gradcheck_float64():
@@ -137,16 +150,9 @@ def keep_mask(shape, p, seed):
 def test_dropout_applies_to_the_adapter_input_only(p):
     layer = make_layer(64, 16, 4, dropout=p)
     x = torch.randn(50, 64, requires_grad=True)
-    torch.manual_seed(123)
-    y = layer(x)
     keep = keep_mask(x.shape, p, 123)
-    assert_close_scaled(y, reference(x, layer, keep), torch.float32)
-    grad_out = torch.randn_like(y)
-    y.backward(grad_out)
-    gx, ga, gb = reference_grads(x, layer, grad_out, keep)
-    assert_close_scaled(x.grad, gx, torch.float32)
-    assert_close_scaled(layer.lora_A.grad, ga, torch.float32)
-    assert_close_scaled(layer.lora_B.grad, gb, torch.float32)
+    torch.manual_seed(123)  # the forward draws the same dropped positions
+    check_against_reference(layer, x, torch.float32, keep)
     layer.eval()
     assert_close_scaled(layer(x), reference(x, layer), torch.float32)
 
