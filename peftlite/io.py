@@ -28,15 +28,19 @@ def save_adapter(model: nn.Module, directory) -> Path:
 
     Files: ``adapter_model.safetensors`` and ``adapter_config.json``, loadable by
     ``peft.PeftModel.from_pretrained(base_model, directory)`` and by :func:`load_adapter`.
-    Saves the adapter as trained, whether or not it is merged.
+    Saves the adapter as trained, whether or not it is merged. Leaf modules whose own parameters
+    were made trainable (an unfrozen classification head, say) are saved whole, as PEFT's
+    ``modules_to_save``.
     """
     layers = require_lora(model, "save_adapter")
     if "" in layers:
         raise PeftliteError("save_adapter needs the model that contains the LoRALinear, not the layer itself.")
-    config = fmt.build_config(model, layers)
+    whole = fmt.trained_modules(model, layers)
+    config = fmt.build_config(model, layers, whole)
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    save_file(fmt.adapter_tensors(layers), directory / WEIGHTS_NAME, metadata={"format": "pt"})
+    tensors = {**fmt.adapter_tensors(layers), **fmt.module_tensors(whole)}
+    save_file(tensors, directory / WEIGHTS_NAME, metadata={"format": "pt"})
     (directory / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     return directory
 
@@ -46,15 +50,18 @@ def load_adapter(model: nn.Module, directory) -> nn.Module:
 
     Layers without LoRA yet are wrapped in :class:`LoRALinear` with the rank, alpha, rslora and
     dropout of the file; existing LoRA layers must have the file's rank and get its values.
-    Every other parameter is frozen, as by ``inject``. Returns ``model``.
+    Modules in the config's ``modules_to_save`` get the file's values and stay trainable; every
+    other parameter is frozen, as by ``inject``. Returns ``model``.
     """
     directory = Path(directory)
+    source = directory / WEIGHTS_NAME
     config = read_config(directory / CONFIG_NAME)
-    tensors = read_weights(directory)
-    pairs = group_keys(tensors, directory / WEIGHTS_NAME)
+    pairs, whole = split_keys(read_weights(directory), source)
     settings = {name: check_layer(model, name, a, b, config) for name, (a, b) in pairs.items()}
-    check_complete(model, config, set(pairs), directory / WEIGHTS_NAME)
+    check_complete(model, config, set(pairs), source)
+    slots = check_saved_modules(model, config, whole, set(pairs), source)
     apply(model, config, pairs, settings)
+    load_saved_modules(model, whole, slots)
     return model
 
 
@@ -84,14 +91,15 @@ def read_weights(directory: Path) -> dict[str, torch.Tensor]:
         raise PeftliteError(f"{path}: not a readable safetensors file ({err}).") from None
 
 
-def group_keys(tensors: dict, source: Path) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """``{module path: (lora_A, lora_B)}``; raises on a key that is not LoRA or lacks its pair."""
+def split_keys(tensors: dict, source: Path) -> tuple[dict, dict]:
+    """``({module path: (lora_A, lora_B)}, {other key: tensor})``; raises on a LoRA key without its pair."""
     parts: dict[str, dict[str, torch.Tensor]] = {}
+    others = {}
     for key, tensor in tensors.items():
         match = fmt.KEY.fullmatch(key)
         if match is None:
-            raise PeftliteError(f"{source}: unexpected key '{key}'; expected only "
-                                "'base_model.model.<module>.lora_A.weight' and '.lora_B.weight' keys.")
+            others[key] = tensor
+            continue
         parts.setdefault(match["module"], {})[match["part"]] = tensor
     for module, pair in parts.items():
         for part in ("lora_A", "lora_B"):
@@ -99,7 +107,34 @@ def group_keys(tensors: dict, source: Path) -> dict[str, tuple[torch.Tensor, tor
                 raise PeftliteError(f"{source}: missing key '{fmt.weight_key(module, part)}'.")
     if not parts:
         raise PeftliteError(f"{source}: holds no LoRA weights.")
-    return {module: (pair["lora_A"], pair["lora_B"]) for module, pair in parts.items()}
+    return {module: (pair["lora_A"], pair["lora_B"]) for module, pair in parts.items()}, others
+
+
+def check_saved_modules(model: nn.Module, config: dict, whole: dict, lora: set[str], source: Path) -> dict:
+    """Non-LoRA keys must be exactly the state of the config's ``modules_to_save`` modules."""
+    slots = fmt.saved_module_slots(model, config)
+    both = sorted(m for m in lora if any(key.startswith(f"{fmt.PREFIX}{m}.") for key in slots))
+    if both:
+        raise PeftliteError(f"{source}: module '{both[0]}' has LoRA weights and is also in modules_to_save.")
+    for key, tensor in whole.items():
+        if key not in slots:
+            raise PeftliteError(f"{source}: unexpected key '{key}'; expected 'base_model.model.<module>.lora_A.weight'"
+                                " and '.lora_B.weight' keys, or the state of a module listed in modules_to_save.")
+        if tuple(tensor.shape) != tuple(slots[key].shape):
+            raise PeftliteError(f"shape mismatch for '{key}': file has {tuple(tensor.shape)}, the model "
+                                f"{tuple(slots[key].shape)}.")
+    missing = sorted(set(slots) - set(whole))
+    if missing:
+        raise PeftliteError(f"{source}: missing key '{missing[0]}' (its module is in modules_to_save).")
+    return slots
+
+
+def load_saved_modules(model: nn.Module, whole: dict, slots: dict) -> None:
+    with torch.no_grad():
+        for key, tensor in whole.items():
+            slots[key].copy_(tensor)
+            if isinstance(slots[key], nn.Parameter):
+                slots[key].requires_grad_(True)
 
 
 def check_layer(model: nn.Module, name: str, a: torch.Tensor, b: torch.Tensor, config: dict) -> tuple[int, float]:

@@ -9,6 +9,7 @@ module whose name matches the regex ``(.*\\.)?(k)$``.
 import re
 from collections import Counter
 
+import torch
 from torch import nn
 
 from .errors import PeftliteError
@@ -19,7 +20,7 @@ PREFIX = "base_model.model."
 KEY = re.compile(r"base_model\.model\.(?P<module>.+)\.(?P<part>lora_A|lora_B)\.weight")
 
 # Config fields whose non-empty value changes what the adapter computes in ways peftlite does not implement.
-UNSUPPORTED = ("use_dora", "fan_in_fan_out", "modules_to_save", "layers_to_transform", "layer_replication",
+UNSUPPORTED = ("use_dora", "fan_in_fan_out", "layers_to_transform", "layer_replication",
                "lora_bias", "target_parameters", "trainable_token_indices", "use_qalora", "use_bdlora",
                "alora_invocation_tokens", "arrow_config", "kasa_config", "monteclora_config", "velora_config")
 # Initialisations that also rewrite the base weights, so the adapter alone does not reproduce the model.
@@ -39,8 +40,49 @@ def adapter_tensors(layers: dict[str, LoRALinear]) -> dict:
     return tensors
 
 
-def build_config(model: nn.Module, layers: dict[str, LoRALinear]) -> dict:
-    """``adapter_config.json`` for the model's LoRA layers, readable by PEFT's ``LoraConfig``."""
+def trained_modules(model: nn.Module, layers: dict[str, LoRALinear]) -> dict[str, nn.Module]:
+    """Modules with trainable parameters of their own besides LoRA (an unfrozen head, a norm).
+
+    They are saved whole, as PEFT's ``modules_to_save``; their state-dict entries go in the file.
+    """
+    adapter = {id(p) for layer in layers.values() for p in (layer.lora_A, layer.lora_B)}
+    found = {}
+    for name, module in model.named_modules():
+        if not any(p.requires_grad and id(p) not in adapter for p in module.parameters(recurse=False)):
+            continue
+        if isinstance(module, LoRALinear):
+            raise PeftliteError(f"the base weight or bias of LoRA layer '{name}' is trainable; the PEFT format cannot "
+                                f"hold it. Freeze it (model.get_submodule('{name}').weight.requires_grad_(False)).")
+        if not name or any(next(child.parameters(), None) is not None for child in module.children()):
+            raise PeftliteError(f"module '{name or type(module).__name__}' has trainable parameters of its own and "
+                                "submodules with parameters; the PEFT format saves whole leaf modules only "
+                                "(e.g. a head or a norm). Freeze its own parameters or train a leaf module instead.")
+        found[name] = module
+    return found
+
+
+def module_tensors(modules: dict[str, nn.Module]) -> dict:
+    """``base_model.model.<module>.<key>`` for every state-dict entry of the given whole modules."""
+    return {f"{PREFIX}{name}.{key}": tensor.detach().to("cpu").contiguous()
+            for name, module in modules.items() for key, tensor in module.state_dict().items()}
+
+
+def saved_module_slots(model: nn.Module, config: dict) -> dict[str, torch.Tensor]:
+    """Where the file's ``modules_to_save`` entries go: ``{file key: the model's tensor}``."""
+    wanted = config.get("modules_to_save") or []
+    slots = {}
+    for name, module in model.named_modules():
+        if name and any(name_matches(entry, name) for entry in wanted):
+            if isinstance(module, LoRALinear):
+                raise PeftliteError(f"module '{name}' is listed in modules_to_save and also has LoRA; "
+                                    "call peftlite.unload(model, merge=False) first.")
+            slots.update({f"{PREFIX}{name}.{key}": tensor
+                          for key, tensor in module.state_dict(keep_vars=True).items()})
+    return slots
+
+
+def build_config(model: nn.Module, layers: dict[str, LoRALinear], saved_modules=()) -> dict:
+    """``adapter_config.json`` for the model's LoRA layers (and whole saved modules), for PEFT's ``LoraConfig``."""
     rslora = single_value("use_rslora", {n: layer.rslora for n, layer in layers.items()})
     dropout = single_value("lora_dropout", {n: layer.dropout for n, layer in layers.items()})
     r, rank_pattern = common_and_pattern({n: layer.rank for n, layer in layers.items()})
@@ -52,7 +94,7 @@ def build_config(model: nn.Module, layers: dict[str, LoRALinear]) -> dict:
         "target_modules": target_list(model, set(layers)),
         "rank_pattern": rank_pattern, "alpha_pattern": alpha_pattern,
         "bias": "none", "fan_in_fan_out": False, "use_dora": False, "init_lora_weights": True,
-        "modules_to_save": None, "exclude_modules": None, "layers_to_transform": None, "layers_pattern": None,
+        "modules_to_save": sorted(saved_modules) or None, "exclude_modules": None, "layers_to_transform": None, "layers_pattern": None,
         "inference_mode": True,
     }
 

@@ -199,3 +199,62 @@ def test_load_casts_to_the_model_dtype(tmp_path):
     layer = model.model.layers[0].self_attn.q_proj
     assert layer.lora_A.dtype == torch.bfloat16
     assert torch.equal(layer.lora_B, source.model.layers[0].self_attn.q_proj.lora_B.detach().to(torch.bfloat16))
+
+
+def test_peft_classifier_adapter_with_modules_to_save_loads(tmp_path):
+    reference = peft_model(tiny_bert(), task_type="SEQ_CLS", r=4, target_modules=["query", "value"])
+    with torch.no_grad():
+        reference.base_model.model.classifier.modules_to_save["default"].weight.normal_(0, 0.5)
+    reference.save_pretrained(tmp_path)
+    model = peftlite.load_adapter(tiny_bert(), tmp_path)
+    torch.testing.assert_close(outputs(model), outputs(reference), rtol=1e-5, atol=1e-6)
+    assert not torch.equal(outputs(model), outputs(tiny_bert()))
+    assert model.classifier.weight.requires_grad and model.classifier.bias.requires_grad
+    assert not model.bert.embeddings.word_embeddings.weight.requires_grad
+
+
+def test_unfrozen_head_is_saved_whole_and_peft_reads_it(tmp_path):
+    model = peftlite.inject(tiny_bert(), rank=4)
+    model.classifier.requires_grad_(True)  # train the new head along with the adapter
+    randomize_lora(model)
+    with torch.no_grad():
+        model.classifier.weight.normal_(0, 0.5)
+    expected = outputs(model)
+    peftlite.save_adapter(model, tmp_path)
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert config["modules_to_save"] == ["classifier"]
+    assert "base_model.model.classifier.weight" in load_file(tmp_path / "adapter_model.safetensors")
+    torch.testing.assert_close(outputs(peft.PeftModel.from_pretrained(tiny_bert(), tmp_path).eval()), expected,
+                               rtol=1e-5, atol=1e-6)
+    reloaded = peftlite.load_adapter(tiny_bert(), tmp_path)
+    torch.testing.assert_close(outputs(reloaded), expected, rtol=0, atol=0)
+    assert reloaded.classifier.weight.requires_grad
+
+
+def test_saved_module_errors(tmp_path):
+    model = peftlite.inject(tiny_bert(), rank=4)
+    model.classifier.requires_grad_(True)
+    peftlite.save_adapter(model, tmp_path)
+    edit_weights(tmp_path, lambda t: t.update({"base_model.model.classifier.weight": torch.zeros(3, 31)}))
+    fresh = tiny_bert()
+    before = snapshot(fresh)
+    with pytest.raises(PeftliteError, match="shape mismatch for 'base_model.model.classifier.weight'"):
+        peftlite.load_adapter(fresh, tmp_path)
+    edit_weights(tmp_path, lambda t: t.pop("base_model.model.classifier.weight"))
+    with pytest.raises(PeftliteError, match="missing key 'base_model.model.classifier.weight'"):
+        peftlite.load_adapter(fresh, tmp_path)
+    assert_unchanged(fresh, before)
+
+
+def test_trainable_weights_the_format_cannot_hold_refuse_to_save(tmp_path):
+    model = peftlite.inject(tiny_llama(), rank=4)
+    model.model.layers[0].self_attn.q_proj.weight.requires_grad_(True)
+    with pytest.raises(PeftliteError, match="base weight or bias of LoRA layer 'model.layers.0.self_attn.q_proj'"):
+        peftlite.save_adapter(model, tmp_path)
+    block = torch.nn.Module()
+    block.scale = torch.nn.Parameter(torch.ones(4))
+    block.fc = torch.nn.Linear(4, 4)
+    model = peftlite.inject(torch.nn.Sequential(block), rank=2)
+    block.scale.requires_grad_(True)  # a parameter of a module that also has submodules
+    with pytest.raises(PeftliteError, match="'0' has trainable parameters of its own and submodules"):
+        peftlite.save_adapter(model, tmp_path)

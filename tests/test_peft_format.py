@@ -45,7 +45,6 @@ def test_configured_targets_follow_peft_rules():
     ([], "expected a JSON object"), ({"peft_type": "IA3"}, "only 'LORA'"),
     ({"peft_type": "LORA", "r": 0}, "rank=0"), ({"peft_type": "LORA", "lora_alpha": -2}, "alpha=-2"),
     ({"peft_type": "LORA", "layers_to_transform": [0]}, "layers_to_transform"),
-    ({"peft_type": "LORA", "modules_to_save": ["lm_head"]}, "modules_to_save"),
     ({"peft_type": "LORA", "fan_in_fan_out": True}, "fan_in_fan_out"),
 ])
 def test_unsupported_configs_are_named(config, match):
