@@ -94,8 +94,8 @@ def build_config(model: nn.Module, layers: dict[str, LoRALinear], saved_modules=
         "target_modules": target_list(model, set(layers)),
         "rank_pattern": rank_pattern, "alpha_pattern": alpha_pattern,
         "bias": "none", "fan_in_fan_out": False, "use_dora": False, "init_lora_weights": True,
-        "modules_to_save": sorted(saved_modules) or None, "exclude_modules": None, "layers_to_transform": None, "layers_pattern": None,
-        "inference_mode": True,
+        "modules_to_save": sorted(saved_modules) or None, "exclude_modules": None,
+        "layers_to_transform": None, "layers_pattern": None, "inference_mode": True,
     }
 
 
