@@ -61,7 +61,7 @@ def load_adapter(model: nn.Module, directory) -> nn.Module:
     check_complete(model, config, set(pairs), source)
     slots = check_saved_modules(model, config, whole, set(pairs), source)
     apply(model, config, pairs, settings)
-    load_saved_modules(model, whole, slots)
+    load_saved_modules(whole, slots)
     return model
 
 
@@ -129,7 +129,8 @@ def check_saved_modules(model: nn.Module, config: dict, whole: dict, lora: set[s
     return slots
 
 
-def load_saved_modules(model: nn.Module, whole: dict, slots: dict) -> None:
+def load_saved_modules(whole: dict, slots: dict) -> None:
+    """Copy whole-module values in; their parameters stay trainable, as PEFT's modules_to_save."""
     with torch.no_grad():
         for key, tensor in whole.items():
             slots[key].copy_(tensor)
