@@ -79,6 +79,7 @@ class LoRALinear(nn.Module):
         """Redraw ``lora_A`` and zero ``lora_B``: the layer equals its base again (if unmerged)."""
         if self.merged:
             raise PeftliteError("reset_lora() on a merged layer would lose the merged update; unmerge() first.")
+        check_lora_options(self.rank, self.alpha, self.dropout, init)
         with torch.no_grad():
             if init == "gaussian":
                 nn.init.normal_(self.lora_A, std=1.0 / self.rank)

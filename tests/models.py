@@ -5,10 +5,19 @@ from torch import nn
 
 import peftlite
 from peftlite.inject import lora_layers
+from peftlite.ops.dropout import drop_positions
 
 # Relative tolerance per dtype: a few unit roundoffs, since each path rounds a handful of times.
 TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 2.5e-3, torch.bfloat16: 2e-2}
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def keep_mask(shape, p, seed):
+    """The inverted-dropout mask LoRALinear draws after torch.manual_seed(seed)."""
+    torch.manual_seed(seed)
+    keep = torch.full(shape, 1 / (1 - p), dtype=torch.float64)
+    keep.view(-1)[drop_positions(keep.numel(), p)] = 0
+    return keep
 
 
 def assert_within_rounding(actual: torch.Tensor, expected: torch.Tensor, magnitude: torch.Tensor,

@@ -6,9 +6,8 @@ import pytest
 import torch
 
 from peftlite.ops.autograd import lora_linear
-from peftlite.ops.dropout import drop_positions
 from peftlite.ops.reference import lora_backward, lora_forward
-from tests.models import DTYPES, assert_close_scaled, assert_within_rounding
+from tests.models import DTYPES, assert_close_scaled, assert_within_rounding, keep_mask
 
 
 def tensors(m, k, n, r, dtype, seed=0):
@@ -17,13 +16,6 @@ def tensors(m, k, n, r, dtype, seed=0):
     weight, bias = torch.randn(n, k, generator=g) / k ** 0.5, torch.randn(n, generator=g)
     a, b = torch.randn(r, k, generator=g) / k ** 0.5, torch.randn(n, r, generator=g)  # nonzero B
     return [t.to(dtype) for t in (x, weight, bias, a, b)]
-
-
-def keep_from_seed(shape, p, seed):
-    torch.manual_seed(seed)
-    keep = torch.full(shape, 1 / (1 - p), dtype=torch.float64)
-    keep.view(-1)[drop_positions(keep.numel(), p)] = 0
-    return keep
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -35,7 +27,7 @@ def test_forward_backward_match_reference(dtype, m, k, n, r, p):
         t.requires_grad_(True)
     torch.manual_seed(5)
     y = lora_linear(x, weight, bias, a, b, 1.5, p)
-    keep = keep_from_seed(x.shape, p, 5) if p else None
+    keep = keep_mask(x.shape, p, 5) if p else None
     d = [t.detach().double() for t in (x, weight, bias, a, b)]
     magnitude = [t.abs() for t in d]  # the formulas on absolute values bound the rounding error
     assert_within_rounding(y, lora_forward(*d, 1.5, keep), lora_forward(*magnitude, 1.5, keep), dtype)

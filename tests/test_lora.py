@@ -11,9 +11,8 @@ from torch import nn
 
 from peftlite import LoRALinear, PeftliteError
 from peftlite.exact_merge import _BITS
-from peftlite.ops.dropout import drop_positions
 from peftlite.ops.reference import lora_backward, lora_forward
-from tests.models import DTYPES, assert_close_scaled, assert_within_rounding
+from tests.models import DTYPES, assert_close_scaled, assert_within_rounding, keep_mask
 
 
 def make_layer(in_features, out_features, rank, dtype=torch.float32, bias=True, seed=0, **kwargs):
@@ -136,14 +135,6 @@ def test_gaussian_init_std_is_one_over_rank():
     assert layer.lora_A.std().item() == pytest.approx(1 / 4, rel=0.03)
     assert layer.lora_A.mean().abs().item() < 0.01
     assert layer.lora_B.abs().sum() == 0
-
-
-def keep_mask(shape, p, seed):
-    """The inverted-dropout mask LoRALinear draws after torch.manual_seed(seed)."""
-    torch.manual_seed(seed)
-    keep = torch.full(shape, 1 / (1 - p), dtype=torch.float64)
-    keep.view(-1)[drop_positions(keep.numel(), p)] = 0
-    return keep
 
 
 @pytest.mark.parametrize("p", [0.1, 0.5])
@@ -275,3 +266,17 @@ def test_activation_checkpointing_recomputes_the_same_dropout(reentrant):
             t.grad = None
     for plain, recomputed in zip(*grads):
         assert torch.equal(plain, recomputed)
+
+
+def test_reset_lora_rejects_unknown_init_and_merged_layers():
+    layer = make_layer(6, 4, 2)
+    before = layer.lora_B.detach().clone()
+    with pytest.raises(PeftliteError, match="init='pissa'"):
+        layer.reset_lora("pissa")
+    assert torch.equal(layer.lora_B, before)
+    layer.merge()
+    with pytest.raises(PeftliteError, match="unmerge"):
+        layer.reset_lora()
+    layer.unmerge()
+    layer.reset_lora("gaussian")
+    assert layer.lora_B.abs().sum() == 0
