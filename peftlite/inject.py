@@ -1,25 +1,62 @@
-"""inject / merge / unmerge / unload: LoRA over a whole model, in place.
+"""inject / merge / unmerge / unload: LoRA, bottleneck adapters and prefix tuning over a whole model, in place.
 
 Every function here validates everything first and only then changes the model, so a call that
 raises :class:`PeftliteError` leaves the model exactly as it was.
 """
 
+import inspect
+
 from torch import nn
 
+from . import prefix_tuning
+from .adapter import Adapter, adapter_sizes, check_adapter_options
+from .attention import MultiheadPrefixHook, default_attention
 from .errors import PeftliteError
+from .fast_path import sync_fast_path_guards
 from .lora import LoRALinear, check_lora_options
-from .targets import find_targets
+from .prefix import PrefixEncoder
+from .targets import attention_internals, find_targets, no_target_message, select_modules
+
+METHODS = ("lora", "adapter", "prefix")
 
 
-def inject(model: nn.Module, rank: int = 8, *, alpha=None, targets=None, exclude=None, dropout: float = 0.0,
-           rslora: bool = False, init: str = "default") -> nn.Module:
-    """Wrap the target ``nn.Linear`` layers of ``model`` in :class:`LoRALinear`, in place.
+def inject(model: nn.Module, rank: int | None = None, *, method: str = "lora", targets=None, exclude=None,
+           **options) -> nn.Module:
+    """Add trainable adapters to ``model``, in place, and freeze everything else; return ``model``.
 
-    Every other parameter gets ``requires_grad=False``; LoRA parameters stay trainable. The
-    model's ``state_dict()`` keeps all of its keys and gains ``<layer>.lora_A`` / ``.lora_B``.
-    ``targets=None`` means every ``nn.Linear`` but the output head (see ``peftlite.targets``).
-    Returns ``model`` itself.
+    ``method="lora"`` (default): wrap the target ``nn.Linear`` layers in :class:`LoRALinear`
+    (``rank`` default 8; options ``alpha``, ``dropout``, ``rslora``, ``init``); ``targets=None``
+    means every Linear but the output head.
+    ``method="adapter"``: wrap each target module in an :class:`Adapter` (options as its
+    constructor: ``dim``, ``bottleneck``, ``reduction_factor``, ``activation``, ``mode``,
+    ``scaling``, ``dropout``, ``init``); ``targets`` is required.
+    ``method="prefix"``: prefix tuning (options ``prefix_len``, ``projection_dim``);
+    ``targets=None`` means every self-attention module.
+
+    ``targets``/``exclude``: module names (exact or dotted suffix), a full-match regex, or a
+    callable ``(name, module) -> bool`` (see ``peftlite.targets``). Parameters of other methods
+    injected earlier stay trainable; every other parameter gets ``requires_grad=False``.
     """
+    if method not in METHODS:
+        raise PeftliteError(f"method={method!r}: expected one of {', '.join(map(repr, METHODS))}.")
+    if rank is not None and method != "lora":
+        raise PeftliteError(f"rank={rank!r} applies to method='lora' only; method={method!r} does not take it.")
+    build = {"lora": inject_lora, "adapter": inject_adapters, "prefix": inject_prefix}[method]
+    allowed = [p for p in inspect.signature(build).parameters if p not in ("model", "targets", "exclude")]
+    unknown = sorted(set(options) - set(allowed))
+    if unknown:
+        raise PeftliteError(f"inject(method={method!r}) got unknown option(s) {', '.join(unknown)}; its options are "
+                            f"{', '.join(allowed)}.")
+    if method == "lora":
+        options["rank"] = 8 if rank is None else rank
+    build(model, targets=targets, exclude=exclude, **options)
+    freeze_all_but_adapters(model)
+    sync_fast_path_guards(model, is_adapted)
+    return model
+
+
+def inject_lora(model: nn.Module, rank: int = 8, *, alpha=None, targets=None, exclude=None, dropout: float = 0.0,
+                rslora: bool = False, init: str = "default") -> None:
     check_lora_options(rank, alpha, dropout, init)
     names = find_targets(model, targets, exclude)
     new = {}
@@ -28,8 +65,48 @@ def inject(model: nn.Module, rank: int = 8, *, alpha=None, targets=None, exclude
         if id(base) not in new:  # a module reachable under several names gets one wrapper
             new[id(base)] = LoRALinear(base, rank, alpha=alpha, dropout=dropout, rslora=rslora, init=init)
     replace(model, {name: new[id(model.get_submodule(name))] for name in names})
-    freeze_all_but_lora(model)
-    return model
+
+
+def inject_adapters(model: nn.Module, *, targets=None, exclude=None, dim=None, bottleneck=None,
+                    reduction_factor: float = 16, activation: str = "relu", mode: str = "sequential", scaling=1.0,
+                    dropout: float = 0.0, init: str = "default") -> None:
+    options = dict(dim=dim, bottleneck=bottleneck, reduction_factor=reduction_factor, activation=activation,
+                   mode=mode, scaling=scaling, dropout=dropout, init=init)
+    check_adapter_options(**options)
+    if targets is None:
+        raise PeftliteError("inject(method='adapter') needs targets: the modules whose output gets an adapter. "
+                            "Houlsby: targets=['o_proj', 'down_proj'] (Llama) or ['attention.output.dense', "
+                            "'output.dense'] (BERT); Pfeiffer: the FFN output only. See docs/api/Adapter.md.")
+    names, modules = select_modules(model, targets, exclude, default=lambda modules: [])
+    if not names:
+        raise PeftliteError(no_target_message(targets, exclude, modules))
+    internals = attention_internals(model)
+    for name in names:  # check all before wrapping any: wrapping adopts the module
+        module = model.get_submodule(name)
+        if name in internals:
+            raise PeftliteError(f"module '{name}' belongs to an nn.MultiheadAttention, which never calls it, so an "
+                                "adapter there would have no effect. Wrap the attention module itself instead.")
+        try:
+            adapter_sizes(module, dim, bottleneck, reduction_factor, mode)
+        except PeftliteError as err:
+            raise PeftliteError(f"module '{name}': {err}") from None
+    new = {}
+    for name in names:
+        base = model.get_submodule(name)
+        if id(base) not in new:
+            new[id(base)] = Adapter(base, **options)
+    replace(model, {name: new[id(model.get_submodule(name))] for name in names})
+
+
+def inject_prefix(model: nn.Module, *, targets=None, exclude=None, prefix_len: int = 10,
+                  projection_dim: int | None = None) -> None:
+    names, modules = select_modules(model, targets, exclude, default_attention)
+    if not names:
+        raise PeftliteError("found no attention module to give a prefix: expected nn.MultiheadAttention, Hugging "
+                            "Face attention, or modules following peftlite.attention.PrefixAttention. "
+                            + no_target_message(targets, exclude, modules))
+    shape = prefix_tuning.plan_prefix(model, names, prefix_len, projection_dim)
+    prefix_tuning.install_prefix(model, names, shape, prefix_len, projection_dim)
 
 
 def replace(model: nn.Module, modules: dict[str, nn.Module]) -> None:
@@ -41,11 +118,31 @@ def replace(model: nn.Module, modules: dict[str, nn.Module]) -> None:
             setattr(model.get_submodule(parent), child, swaps[id(old)])
 
 
-def freeze_all_but_lora(model: nn.Module) -> None:
-    adapter = {id(p) for layer in lora_layers(model).values() for p in (layer.lora_A, layer.lora_B)}
+def adapter_parameters(model: nn.Module) -> set[int]:
+    """ids of every trainable-by-design parameter: LoRA A/B, adapter bottlenecks, prefix encoders."""
+    found = set()
+    for module in model.modules():
+        if isinstance(module, LoRALinear):
+            found |= {id(module.lora_A), id(module.lora_B)}
+        elif isinstance(module, Adapter):
+            found |= {id(p) for p in module.adapter.parameters()}
+        elif isinstance(module, PrefixEncoder):
+            found |= {id(p) for p in module.parameters()}
+    return found
+
+
+def freeze_all_but_adapters(model: nn.Module) -> None:
+    trainable = adapter_parameters(model)
     for param in model.parameters():
-        if id(param) not in adapter:
+        if id(param) not in trainable:
             param.requires_grad_(False)
+
+
+def is_adapted(module: nn.Module) -> bool:
+    """Holds peftlite state that a fused kernel reading its weights directly would skip."""
+    if isinstance(module, (LoRALinear, Adapter)):
+        return True
+    return any(isinstance(hook, MultiheadPrefixHook) for hook in module._forward_pre_hooks.values())
 
 
 def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
@@ -61,6 +158,19 @@ def require_lora(model: nn.Module, action: str) -> dict[str, LoRALinear]:
     return layers
 
 
+def adapter_modules(model: nn.Module) -> dict[str, Adapter]:
+    return {name: m for name, m in model.named_modules() if isinstance(m, Adapter)}
+
+
+def unmergeable(model: nn.Module) -> str:
+    """A phrase naming the model's adapters that cannot be merged into weights, or ''."""
+    parts = [f"bottleneck adapter(s) at {', '.join(repr(n) for n in list(adapter_modules(model))[:3])}"] \
+        if adapter_modules(model) else []
+    if prefix_tuning.prefix_encoder(model) is not None:
+        parts.append("prefix (model.prefix_encoder)")
+    return " and ".join(parts)
+
+
 def merge(model: nn.Module) -> nn.Module:
     """Fold every LoRA update into its base weight, in place: ``W <- round(W + scaling * B A)``.
 
@@ -68,7 +178,14 @@ def merge(model: nn.Module) -> nn.Module:
     computed in float32 and rounded once into the weight's dtype. Checks all layers before
     changing any: if a merged weight would hold NaN or Inf, raises and changes nothing.
     Keeps one byte per merged weight element so that :func:`unmerge` is bit-exact.
+    Bottleneck adapters and prefixes cannot be merged (they add computation, not a weight
+    change); they stay as they are, and a model with nothing but them raises.
     """
+    others = unmergeable(model)
+    if not lora_layers(model) and others:
+        raise PeftliteError(f"merge: the model's {others} cannot be merged into weights: they add computation of "
+                            "their own. Keep them, or remove them with peftlite.unload(model) (which drops what "
+                            "they learned; save_adapter first).")
     layers = require_lora(model, "merge")
     pending = [(name, layer) for name, layer in layers.items() if not layer.merged]
     for name, layer in pending:  # first pass: check only, so a bad layer changes nothing
@@ -98,23 +215,30 @@ def unmerge(model: nn.Module) -> nn.Module:
 
 
 def unload(model: nn.Module, merge: bool = True) -> nn.Module:
-    """Replace every :class:`LoRALinear` by a plain ``nn.Linear``, in place, and return the model.
+    """Take every peftlite module out of ``model``, in place, and return the model.
 
-    ``merge=True``: the Linear holds the merged weight ``W + scaling * B A``; ``merge=False``: the
-    original weight (unmerged first if needed). The result's ``state_dict()`` has exactly the keys
-    and shapes the model had before ``inject``. Parameters stay frozen as ``inject`` left them.
-    If ``model`` is itself a ``LoRALinear``, the new ``nn.Linear`` is returned instead.
+    Each :class:`LoRALinear` becomes a plain ``nn.Linear``: with ``merge=True`` holding the
+    merged weight ``W + scaling * B A``, with ``merge=False`` the original weight (unmerged
+    first if needed). Bottleneck adapters and the prefix cannot be merged: they are removed and
+    their modules left as before ``inject`` (save them with ``save_adapter`` first to keep them).
+    The result's ``state_dict()`` has exactly the keys and shapes the model had before
+    ``inject``. Parameters stay frozen as ``inject`` left them. If ``model`` is itself a
+    ``LoRALinear`` or an ``Adapter``, the module it wrapped is returned instead.
     """
-    layers = require_lora(model, "unload")
-    if merge:
-        merge_all(model)
-    else:
-        unmerge(model)
+    layers, adapters = lora_layers(model), adapter_modules(model)
+    if not layers and not adapters and prefix_tuning.prefix_encoder(model) is None:
+        raise PeftliteError("unload: the model has no LoRA layers, adapters or prefix. Call peftlite.inject(model) "
+                            "or peftlite.load_adapter(model, directory) first.")
+    if layers:
+        (merge_all if merge else unmerge)(model)
+    if prefix_tuning.prefix_encoder(model) is not None:
+        prefix_tuning.remove_prefix(model)
     plain = {name: as_linear(layer) for name, layer in layers.items()}
-    if "" in plain:
-        return plain[""]
+    plain.update({name: adapter.release() for name, adapter in adapters.items()})
+    root = plain.pop("", None)
     replace(model, plain)
-    return model
+    sync_fast_path_guards(root if root is not None else model, is_adapted)
+    return root if root is not None else model
 
 
 def as_linear(layer: LoRALinear) -> nn.Linear:

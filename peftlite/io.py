@@ -15,7 +15,8 @@ from torch import nn
 
 from . import peft_format as fmt
 from .errors import PeftliteError
-from .inject import freeze_all_but_lora, lora_layers, replace, require_lora
+from .inject import freeze_all_but_adapters, is_adapted, lora_layers, replace, require_lora
+from .fast_path import sync_fast_path_guards
 from .lora import LoRALinear, lora_scaling
 from .safetensors_file import save_file
 
@@ -191,4 +192,5 @@ def apply(model: nn.Module, config: dict, pairs: dict, settings: dict) -> None:
         with torch.no_grad():
             layer.lora_A.copy_(a)
             layer.lora_B.copy_(b)
-    freeze_all_but_lora(model)
+    freeze_all_but_adapters(model)
+    sync_fast_path_guards(model, is_adapted)

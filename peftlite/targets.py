@@ -62,21 +62,31 @@ def find_targets(model: nn.Module, targets=None, exclude=None) -> list[str]:
     Pure: reads the model, never changes it. Raises :class:`PeftliteError` for a spec that
     matches nothing, or that matches a module LoRA cannot wrap.
     """
-    modules = [(name, m) for name, m in model.named_modules(remove_duplicate=False) if name]
-    if targets is None:
+    def default(modules):
         skip = output_heads(model) | attention_internals(model)
-        chosen = [(n, m) for n, m in modules if isinstance(m, nn.Linear) and n not in skip]
-    else:
-        chosen = [(n, m) for n, m in modules if spec_matcher(targets, "targets", modules)(n, m)]
-    if exclude is not None:
-        excluded = spec_matcher(exclude, "exclude", modules)
-        chosen = [(n, m) for n, m in chosen if not excluded(n, m)]
-    if not chosen:
+        return [n for n, m in modules if isinstance(m, nn.Linear) and n not in skip]
+
+    names, modules = select_modules(model, targets, exclude, default)
+    if not names:
         raise PeftliteError(no_target_message(targets, exclude, modules))
     internals = attention_internals(model)
-    for name, module in chosen:
-        check_target(name, module, internals)
-    return [name for name, _ in chosen]
+    for name in names:
+        check_target(name, model.get_submodule(name), internals)
+    return names
+
+
+def select_modules(model: nn.Module, targets, exclude, default) -> tuple[list[str], list]:
+    """``(chosen names in model order, all (name, module) pairs)``; ``default(modules)`` picks for ``targets=None``."""
+    modules = [(name, m) for name, m in model.named_modules(remove_duplicate=False) if name]
+    if targets is None:
+        chosen = set(default(modules))
+    else:
+        match = spec_matcher(targets, "targets", modules)
+        chosen = {n for n, m in modules if match(n, m)}
+    if exclude is not None:
+        excluded = spec_matcher(exclude, "exclude", modules)
+        chosen = {n for n, m in modules if n in chosen and not excluded(n, m)}
+    return [n for n, _ in modules if n in chosen], modules
 
 
 def check_target(name: str, module: nn.Module, internals: set[str]) -> None:
