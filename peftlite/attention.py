@@ -179,8 +179,7 @@ class MultiheadPrefixHook:
 
     def __call__(self, module: nn.MultiheadAttention, args, kwargs):
         self.calls += 1
-        bound = inspect.signature(module.forward).bind(*args, **kwargs)
-        call = bound.arguments
+        call = dict(inspect.signature(module.forward).bind(*args, **kwargs).arguments)
         keys, values = self.encoder(self.layer).permute(0, 2, 1, 3).flatten(2)  # 2 x (P, E)
         batched = call["query"].dim() == 3
         for role, prefix in (("key", keys), ("value", values)):
@@ -197,7 +196,24 @@ class MultiheadPrefixHook:
             call["attn_mask"] = torch.cat([blocked_columns(mask, prefix_len), mask], dim=-1)
         if "is_causal" in call:
             call["is_causal"] = False  # the mask is no longer the plain square causal one
-        return bound.args, bound.kwargs
+        return with_arguments(module, args, kwargs, call)
+
+
+def with_arguments(module: nn.Module, args: tuple, kwargs: dict, new: dict) -> tuple[tuple, dict]:
+    """``(args, kwargs)`` of a call to ``module`` with the arguments in ``new`` replaced or added.
+
+    Arguments stay where the caller put them (positional or keyword), so decorators around
+    ``forward`` that add keywords of their own see the call as it was.
+    """
+    names = list(inspect.signature(module.forward).parameters)
+    args, kwargs = list(args), dict(kwargs)
+    for name, value in new.items():
+        index = names.index(name) if name in names else len(args)
+        if index < len(args):
+            args[index] = value
+        else:
+            kwargs[name] = value
+    return tuple(args), kwargs
 
 
 def prepend_inputs(inputs: torch.Tensor, prefix: torch.Tensor, batched: bool, batch_first: bool) -> torch.Tensor:

@@ -1,4 +1,7 @@
-"""save_adapter / load_adapter: LoRA weights in the Hugging Face PEFT format (safetensors + JSON).
+"""save_adapter / load_adapter: adapters in the Hugging Face PEFT format (safetensors + JSON).
+
+LoRA (``peft_type: LORA``) and prefix tuning (``PREFIX_TUNING``) are read and written as PEFT
+does; bottleneck adapters, which PEFT lacks, as ``BOTTLENECK_ADAPTER`` (see ``adapter_format``).
 
 Nothing here unpickles: weights are read with safetensors and the config with ``json``.
 Loading is strict: a missing or unexpected key, a shape that does not fit, an unreadable file
@@ -13,9 +16,10 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import nn
 
+from . import adapter_format, prefix_format, prefix_tuning
 from . import peft_format as fmt
 from .errors import PeftliteError
-from .inject import freeze_all_but_adapters, is_adapted, lora_layers, replace, require_lora
+from .inject import adapter_modules, freeze_all_but_adapters, is_adapted, lora_layers, replace, require_lora
 from .fast_path import sync_fast_path_guards
 from .lora import LoRALinear, lora_scaling
 from .safetensors_file import save_file
@@ -24,46 +28,83 @@ CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 
 
-def save_adapter(model: nn.Module, directory) -> Path:
-    """Write the model's LoRA weights and config to ``directory`` (created if needed); return it.
+def save_adapter(model: nn.Module, directory, method: str | None = None) -> Path:
+    """Write the model's adapter weights and config to ``directory`` (created if needed); return it.
 
-    Files: ``adapter_model.safetensors`` and ``adapter_config.json``, loadable by
-    ``peft.PeftModel.from_pretrained(base_model, directory)`` and by :func:`load_adapter`.
-    Saves the adapter as trained, whether or not it is merged. Leaf modules whose own parameters
-    were made trainable (an unfrozen classification head, say) are saved whole, as PEFT's
-    ``modules_to_save``.
+    Files: ``adapter_model.safetensors`` and ``adapter_config.json``. LoRA and prefix tuning are
+    loadable by ``peft.PeftModel.from_pretrained(base_model, directory)`` and by
+    :func:`load_adapter`; bottleneck adapters by :func:`load_adapter`. One method per
+    directory, as in PEFT: a model with several needs ``method="lora" | "adapter" | "prefix"``.
+    LoRA is saved as trained, whether or not it is merged; leaf modules whose own parameters
+    were made trainable (an unfrozen head, say) are saved whole, as PEFT's ``modules_to_save``.
+    A reparameterized prefix is saved as the table it produces.
     """
-    layers = require_lora(model, "save_adapter")
-    if "" in layers:
-        raise PeftliteError("save_adapter needs the model that contains the LoRALinear, not the layer itself.")
-    whole = fmt.trained_modules(model, layers)
-    config = fmt.build_config(model, layers, whole)
+    present = present_methods(model)
+    if not present:
+        require_lora(model, "save_adapter")
+    if method is None and len(present) > 1:
+        raise PeftliteError(f"the model has {' and '.join(present)}; a directory holds one method, as in PEFT. Save "
+                            "each in its own directory: save_adapter(model, 'out/lora', method='lora'), ...")
+    method = present[0] if method is None else method
+    if method not in present:
+        raise PeftliteError(f"method={method!r}: the model has no such adapter; it has {', '.join(present)}.")
+    if method == "lora":
+        tensors, config = lora_payload(model)
+    else:
+        tensors, config = (adapter_format if method == "adapter" else prefix_format).payload(model)
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    tensors = {**fmt.adapter_tensors(layers), **fmt.module_tensors(whole)}
     save_file(tensors, directory / WEIGHTS_NAME, metadata={"format": "pt"})
     (directory / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     return directory
 
 
-def load_adapter(model: nn.Module, directory) -> nn.Module:
-    """Load a LoRA adapter saved by :func:`save_adapter` or by PEFT into ``model``, in place.
+def present_methods(model: nn.Module) -> list[str]:
+    found = {"lora": bool(lora_layers(model)), "adapter": bool(adapter_modules(model)),
+             "prefix": prefix_tuning.prefix_encoder(model) is not None}
+    return [method for method, here in found.items() if here]
 
-    Layers without LoRA yet are wrapped in :class:`LoRALinear` with the rank, alpha, rslora and
-    dropout of the file; existing LoRA layers must have the file's rank and get its values.
-    Modules in the config's ``modules_to_save`` get the file's values and stay trainable; every
-    other parameter is frozen, as by ``inject``. Returns ``model``.
+
+def lora_payload(model: nn.Module) -> tuple[dict, dict]:
+    layers = lora_layers(model)
+    if "" in layers:
+        raise PeftliteError("save_adapter needs the model that contains the LoRALinear, not the layer itself.")
+    whole = fmt.trained_modules(model, layers)
+    return {**fmt.adapter_tensors(layers), **fmt.module_tensors(whole)}, fmt.build_config(model, layers, whole)
+
+
+def load_adapter(model: nn.Module, directory) -> nn.Module:
+    """Load an adapter saved by :func:`save_adapter` or by PEFT (LoRA, prefix tuning) into ``model``, in place.
+
+    LoRA: layers without LoRA yet are wrapped in :class:`LoRALinear` with the rank, alpha,
+    rslora and dropout of the file; existing LoRA layers must have the file's rank and get its
+    values. Modules in the config's ``modules_to_save`` get the file's values and stay
+    trainable. Prefix tuning: the model gets ``model.prefix_encoder`` (or, if it has one of the
+    same shape, new values). Bottleneck adapters: the named modules are wrapped (or refilled).
+    Every other parameter is frozen, as by ``inject``. Returns ``model``.
     """
     directory = Path(directory)
-    source = directory / WEIGHTS_NAME
     config = read_config(directory / CONFIG_NAME)
-    pairs, whole = split_keys(read_weights(directory), source)
+    tensors = read_weights(directory)
+    source = directory / WEIGHTS_NAME
+    kind = config.get("peft_type")
+    if kind in ("PREFIX_TUNING", adapter_format.PEFT_TYPE):
+        (prefix_format if kind == "PREFIX_TUNING" else adapter_format).load(model, config, tensors, source)
+        freeze_all_but_adapters(model)
+    else:
+        fmt.check_config(config, str(directory / CONFIG_NAME))
+        load_lora(model, config, tensors, source)
+    sync_fast_path_guards(model, is_adapted)
+    return model
+
+
+def load_lora(model: nn.Module, config: dict, tensors: dict, source: Path) -> None:
+    pairs, whole = split_keys(tensors, source)
     settings = {name: check_layer(model, name, a, b, config) for name, (a, b) in pairs.items()}
     check_complete(model, config, set(pairs), source)
     slots = check_saved_modules(model, config, whole, set(pairs), source)
     apply(model, config, pairs, settings)
     load_saved_modules(whole, slots)
-    return model
 
 
 def read_config(path: Path) -> dict:
@@ -74,7 +115,8 @@ def read_config(path: Path) -> dict:
         config = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
         raise PeftliteError(f"{path}: not readable JSON ({err}).") from None
-    fmt.check_config(config, str(path))
+    if not isinstance(config, dict):
+        raise PeftliteError(f"{path}: expected a JSON object, got {type(config).__name__}.")
     return config
 
 
@@ -193,4 +235,3 @@ def apply(model: nn.Module, config: dict, pairs: dict, settings: dict) -> None:
             layer.lora_A.copy_(a)
             layer.lora_B.copy_(b)
     freeze_all_but_adapters(model)
-    sync_fast_path_guards(model, is_adapted)

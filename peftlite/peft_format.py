@@ -126,7 +126,8 @@ def check_config(config, source: str) -> None:
     if not isinstance(config, dict):
         raise PeftliteError(f"{source}: expected a JSON object, got {type(config).__name__}.")
     if config.get("peft_type") != "LORA":
-        raise PeftliteError(f"{source}: peft_type is {config.get('peft_type')!r}; only 'LORA' adapters can be loaded.")
+        raise PeftliteError(f"{source}: peft_type is {config.get('peft_type')!r}; peftlite loads 'LORA', "
+                            "'PREFIX_TUNING' and 'BOTTLENECK_ADAPTER' adapters.")
     used = [field for field in UNSUPPORTED if config.get(field)]
     if used:
         raise PeftliteError(f"{source}: uses {', '.join(used)}, which peftlite does not support; "

@@ -88,8 +88,7 @@ class PositionShift:
         self.prefix_len = prefix_len
 
     def __call__(self, module, args, kwargs):
-        bound = inspect.signature(module.forward).bind(*args, **kwargs)
-        call = bound.arguments
+        call = inspect.signature(module.forward).bind(*args, **kwargs).arguments
         positions = call.get("position_ids")
         if positions is None:
             tokens = call.get("input_ids")
@@ -100,8 +99,7 @@ class PositionShift:
             start = past.get_seq_length() if past is not None and hasattr(past, "get_seq_length") else 0
             count = tokens.shape[1]
             positions = torch.arange(start, start + count, device=tokens.device).expand(tokens.shape[0], count)
-        call["position_ids"] = positions + self.prefix_len
-        return bound.args, bound.kwargs
+        return attention.with_arguments(module, args, kwargs, {"position_ids": positions + self.prefix_len})
 
 
 def position_shift(model: nn.Module, prefix_len: int) -> list:
