@@ -42,7 +42,7 @@ def test_configured_targets_follow_peft_rules():
 
 
 @pytest.mark.parametrize("config, match", [
-    ([], "expected a JSON object"), ({"peft_type": "IA3"}, "only 'LORA'"),
+    ([], "expected a JSON object"), ({"peft_type": "IA3"}, "peft_type is 'IA3'"),
     ({"peft_type": "LORA", "r": 0}, "rank=0"), ({"peft_type": "LORA", "lora_alpha": -2}, "alpha=-2"),
     ({"peft_type": "LORA", "layers_to_transform": [0]}, "layers_to_transform"),
     ({"peft_type": "LORA", "fan_in_fan_out": True}, "fan_in_fan_out"),
