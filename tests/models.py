@@ -93,6 +93,7 @@ def snapshot(model: nn.Module) -> dict:
         "modules": [(name, type(m), id(m)) for name, m in model.named_modules(remove_duplicate=False)],
         "values": {k: v.detach().clone() for k, v in model.state_dict(keep_vars=True).items()},
         "grad": {name: p.requires_grad for name, p in model.named_parameters()},
+        "hooks": [(name, len(m._forward_hooks), len(m._forward_pre_hooks)) for name, m in model.named_modules()],
     }
 
 
@@ -100,6 +101,7 @@ def assert_unchanged(model: nn.Module, before: dict) -> None:
     after = snapshot(model)
     assert after["modules"] == before["modules"]
     assert after["grad"] == before["grad"]
+    assert after["hooks"] == before["hooks"]
     assert after["values"].keys() == before["values"].keys()
     for key, value in before["values"].items():
         assert torch.equal(after["values"][key], value), key
