@@ -29,6 +29,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from .errors import PeftliteError
+from .prefix import PrefixEncoder
 
 HEAD_DIM_NAMES = ("head_dim", "attention_head_size")
 HEADS_NAMES = ("num_kv_heads", "num_key_value_heads", "num_heads", "num_attention_heads")
@@ -61,6 +62,8 @@ def kv_shape(module: nn.Module) -> tuple[int, int] | None:
     """``(key/value heads, head_dim)`` of an attention module, or ``None`` if it is not one we know."""
     if isinstance(module, nn.MultiheadAttention):
         return module.num_heads, module.head_dim
+    if isinstance(module, PrefixEncoder):
+        return None
     head_dim = int_attribute(module, HEAD_DIM_NAMES)
     if head_dim is None:
         return None

@@ -19,7 +19,8 @@ from torch import nn
 from . import adapter_format, prefix_format, prefix_tuning
 from . import peft_format as fmt
 from .errors import PeftliteError
-from .inject import adapter_modules, freeze_all_but_adapters, is_adapted, lora_layers, replace, require_lora
+from .inject import (adapter_modules, adapter_parameters, freeze_all_but_adapters, is_adapted, lora_layers, replace,
+                     require_lora)
 from .fast_path import sync_fast_path_guards
 from .lora import LoRALinear, lora_scaling
 from .safetensors_file import save_file
@@ -69,7 +70,7 @@ def lora_payload(model: nn.Module) -> tuple[dict, dict]:
     layers = lora_layers(model)
     if "" in layers:
         raise PeftliteError("save_adapter needs the model that contains the LoRALinear, not the layer itself.")
-    whole = fmt.trained_modules(model, layers)
+    whole = fmt.trained_modules(model, adapter_parameters(model))
     return {**fmt.adapter_tensors(layers), **fmt.module_tensors(whole)}, fmt.build_config(model, layers, whole)
 
 

@@ -40,12 +40,12 @@ def adapter_tensors(layers: dict[str, LoRALinear]) -> dict:
     return tensors
 
 
-def trained_modules(model: nn.Module, layers: dict[str, LoRALinear]) -> dict[str, nn.Module]:
-    """Modules with trainable parameters of their own besides LoRA (an unfrozen head, a norm).
+def trained_modules(model: nn.Module, adapter: set[int]) -> dict[str, nn.Module]:
+    """Modules with trainable parameters of their own besides adapters (an unfrozen head, a norm).
 
+    ``adapter``: ids of the parameters that belong to peftlite modules (LoRA, adapters, prefix).
     They are saved whole, as PEFT's ``modules_to_save``; their state-dict entries go in the file.
     """
-    adapter = {id(p) for layer in layers.values() for p in (layer.lora_A, layer.lora_B)}
     found = {}
     for name, module in model.named_modules():
         if not any(p.requires_grad and id(p) not in adapter for p in module.parameters(recurse=False)):

@@ -13,8 +13,9 @@ from .attention import default_attention
 from .errors import PeftliteError
 
 KEY = "prompt_embeddings"
-TASK_TYPES = {"ForCausalLM": "CAUSAL_LM", "ForSequenceClassification": "SEQ_CLS", "ForTokenClassification":
-              "TOKEN_CLS", "ForQuestionAnswering": "QUESTION_ANS", "ForConditionalGeneration": "SEQ_2_SEQ_LM"}
+TASK_TYPES = {"ForCausalLM": "CAUSAL_LM", "LMHeadModel": "CAUSAL_LM", "ForSequenceClassification": "SEQ_CLS",
+              "ForTokenClassification": "TOKEN_CLS", "ForQuestionAnswering": "QUESTION_ANS",
+              "ForConditionalGeneration": "SEQ_2_SEQ_LM"}
 
 
 def task_type(model: nn.Module) -> str | None:
