@@ -26,6 +26,7 @@ test: install
 
 bench: install
 	$(PYTHON) benchmarks/bench_lora_layer.py
+	$(PYTHON) benchmarks/bench_model.py
 
 clean:
 	rm -rf out build *.egg-info .pytest_cache .hypothesis

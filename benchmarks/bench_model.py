@@ -1,0 +1,148 @@
+"""A Llama-style decoder built from a config: frozen base vs peftlite (LoRA, Adapter, prefix) vs HF PEFT.
+
+One training step (forward, loss, backward, optimizer step on the trainable parameters) and one
+inference forward, for each contender in one interleaved run. The frozen base's "training
+step" is forward + backward to the input embeddings (it has nothing to update). All contenders
+take ``inputs_embeds`` that require grad, so they do the same base work. Reports medians, the
+median of per-round ratios against the frozen base and against PEFT's same method, trainable
+parameters and saved-activation bytes. Writes benchmarks/results/model-<device>.json.
+
+    python benchmarks/bench_model.py [--hidden 512 --layers 4 --batch 2 --seq 256 --threads 2]
+"""
+
+import argparse
+import copy
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402
+
+import peftlite  # noqa: E402
+
+RIVALS = {"peftlite lora": "peft lora", "peftlite prefix": "peft prefix"}
+
+
+def build_base(args):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.hidden * 8 // 3,
+                         num_hidden_layers=args.layers, num_attention_heads=args.heads,
+                         num_key_value_heads=args.heads // 2, max_position_embeddings=args.seq + 64)
+    return LlamaForCausalLM(config).to(args.device).requires_grad_(False)
+
+
+def contenders(base, args) -> dict:
+    """{name: model}: every model holds a copy of the same base weights."""
+    models = {"base": base}
+    models["peftlite lora"] = peftlite.inject(copy.deepcopy(base), rank=args.rank, alpha=2 * args.rank)
+    models["peftlite adapter"] = peftlite.inject(copy.deepcopy(base), method="adapter",
+                                                 targets=["o_proj", "down_proj"], reduction_factor=16)
+    models["peftlite prefix"] = peftlite.inject(copy.deepcopy(base), method="prefix", prefix_len=args.prefix)
+    try:
+        from peft import LoraConfig, PrefixTuningConfig, get_peft_model
+    except ImportError:
+        print("peft is not installed: PEFT rows skipped (pip install peft)")
+        return models
+    models["peft lora"] = get_peft_model(copy.deepcopy(base), LoraConfig(
+        r=args.rank, lora_alpha=2 * args.rank, target_modules="all-linear", task_type="CAUSAL_LM"))
+    models["peft prefix"] = get_peft_model(copy.deepcopy(base), PrefixTuningConfig(
+        num_virtual_tokens=args.prefix, task_type="CAUSAL_LM"))
+    return models
+
+
+def train_step(model, embeds, labels):
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-4) if params else None
+
+    def step():
+        loss = model(inputs_embeds=embeds, labels=labels).loss
+        loss.backward()
+        if optimizer is not None:
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        embeds.grad = None
+    return step
+
+
+def infer_step(model, embeds):
+    def step():
+        with torch.no_grad():
+            model(inputs_embeds=embeds)
+    return step
+
+
+def run(args) -> list[dict]:
+    base = build_base(args)
+    models = contenders(base, args)
+    torch.manual_seed(1)
+    ids = torch.randint(0, args.vocab, (args.batch, args.seq), device=args.device)
+    embeds = base.get_input_embeddings()(ids).detach().requires_grad_(True)
+    shape = {"batch": args.batch, "seq": args.seq, "hidden": args.hidden, "layers": args.layers,
+             "heads": args.heads, "kv_heads": args.heads // 2, "rank": args.rank, "prefix_len": args.prefix,
+             "dtype": "float32"}
+    for model in models.values():
+        model.train()
+    steps = {name: train_step(model, embeds, ids) for name, model in models.items()}
+    train = common.interleaved(steps, args.rounds, args.warmup)
+    saved = {name: common.saved_activation_bytes(lambda m=model: m(inputs_embeds=embeds, labels=ids).loss)
+             for name, model in models.items()}
+    for model in models.values():
+        model.eval()
+    infer = common.interleaved({name: infer_step(model, embeds) for name, model in models.items()},
+                               args.rounds, args.warmup)
+    rows = []
+    for mode, times in (("train step", train), ("inference", infer)):
+        summary = common.summarize(times, "base")
+        for name, stats in summary.items():
+            row = {"mode": mode, "contender": name, **shape, **stats,
+                   "trainable": sum(p.numel() for p in models[name].parameters() if p.requires_grad)}
+            if mode == "train step":
+                row["saved_bytes"] = saved[name]
+            rival = RIVALS.get(name)
+            if rival in times:
+                row["peft_time_over_this"] = common.summarize({name: times[name], rival: times[rival]}, name,
+                                                              rival)[name][f"{rival}_time_over_this"]
+            rows.append(row)
+    return rows
+
+
+def print_table(rows):
+    print(f"{'mode':<11} {'contender':<17} {'trainable':>10} {'median ms':>10} {'x base':>7} {'PEFT/this':>9} "
+          f"{'saved MiB':>10}")
+    for r in rows:
+        saved = f"{r['saved_bytes'] / 2**20:10.1f}" if "saved_bytes" in r else " " * 10
+        rival = f"{r['peft_time_over_this']:9.3f}" if "peft_time_over_this" in r else " " * 9
+        print(f"{r['mode']:<11} {r['contender']:<17} {r['trainable']:>10,} {r['median_ms']:>10.1f} "
+              f"{r['ratio_vs_base']:>7.3f} {rival} {saved}")
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--hidden", type=int, default=512)
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--heads", type=int, default=8)
+    parser.add_argument("--vocab", type=int, default=2048)
+    parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--seq", type=int, default=256)
+    parser.add_argument("--rank", type=int, default=16)
+    parser.add_argument("--prefix", type=int, default=16)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=20)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    print(f"threads: {torch.get_num_threads()}  device: {common.device_name()}")
+    rows = run(args)
+    print_table(rows)
+    meta = common.metadata(benchmark="model", rounds=args.rounds, warmup=args.warmup)
+    common.write_results("model", meta, rows, args.out)
+
+
+if __name__ == "__main__":
+    main()
