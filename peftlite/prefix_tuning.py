@@ -30,6 +30,10 @@ def plan_prefix(model: nn.Module, names: list[str], prefix_len: int, projection_
     if prefix_encoder(model) is not None:
         raise PeftliteError("the model already has a prefix (model.prefix_encoder). Call peftlite.unload(model) "
                             "first to start over.")
+    if isinstance(model, nn.Sequential):
+        raise PeftliteError("prefix tuning adds model.prefix_encoder, which would become a layer of this "
+                            "nn.Sequential and run in its forward. Put the Sequential inside a module of your own "
+                            "(or an nn.ModuleList) and inject into that.")
     if SLOT in model._modules or hasattr(model, SLOT):
         raise PeftliteError(f"the model already has an attribute '{SLOT}', where the prefix would go.")
     shapes = {name: attention.check_attention(name, model.get_submodule(name)) for name in names}

@@ -50,7 +50,7 @@ def mha_prefix(model):
 def test_multihead_attention_matches_float64_reference(batch_first):
     torch.manual_seed(0)
     mha = nn.MultiheadAttention(16, 4, batch_first=batch_first).double()
-    holder = nn.Sequential(mha)  # inject adapts modules inside a model
+    holder = nn.ModuleList([mha])  # inject adapts modules inside a model
     peftlite.inject(holder, method="prefix", prefix_len=3)
     x = torch.randn(2, 5, 16, dtype=torch.float64)
     padding = torch.tensor([[False] * 5, [False] * 3 + [True] * 2])
@@ -302,6 +302,14 @@ def test_bad_inputs_raise_and_leave_model_unchanged(kwargs, match):
     before = snapshot(model)
     with pytest.raises(PeftliteError, match=match):
         peftlite.inject(model, method="prefix", **kwargs)
+    assert_unchanged(model, before)
+
+
+def test_sequential_root_is_refused_unchanged():
+    model = nn.Sequential(CausalAttention(), CausalAttention())
+    before = snapshot(model)
+    with pytest.raises(PeftliteError, match="nn.Sequential"):
+        peftlite.inject(model, method="prefix")
     assert_unchanged(model, before)
 
 
