@@ -20,6 +20,7 @@ that never calls SDPA, or calls it twice, raises :class:`PeftliteError` instead 
 returning the base output.
 """
 
+import functools
 import inspect
 from typing import Protocol, runtime_checkable
 
@@ -182,7 +183,7 @@ class MultiheadPrefixHook:
 
     def __call__(self, module: nn.MultiheadAttention, args, kwargs):
         self.calls += 1
-        call = dict(inspect.signature(module.forward).bind(*args, **kwargs).arguments)
+        call = dict(forward_signature(type(module)).bind(*args, **kwargs).arguments)
         keys, values = self.encoder(self.layer).permute(0, 2, 1, 3).flatten(2)  # 2 x (P, E)
         batched = call["query"].dim() == 3
         for role, prefix in (("key", keys), ("value", values)):
@@ -202,13 +203,20 @@ class MultiheadPrefixHook:
         return with_arguments(module, args, kwargs, call)
 
 
+@functools.lru_cache(maxsize=None)
+def forward_signature(cls: type) -> inspect.Signature:
+    """The signature of ``cls.forward`` without ``self`` (computed once per class: hooks run every call)."""
+    signature = inspect.signature(cls.forward)
+    return signature.replace(parameters=list(signature.parameters.values())[1:])
+
+
 def with_arguments(module: nn.Module, args: tuple, kwargs: dict, new: dict) -> tuple[tuple, dict]:
     """``(args, kwargs)`` of a call to ``module`` with the arguments in ``new`` replaced or added.
 
     Arguments stay where the caller put them (positional or keyword), so decorators around
     ``forward`` that add keywords of their own see the call as it was.
     """
-    names = list(inspect.signature(module.forward).parameters)
+    names = list(forward_signature(type(module)).parameters)
     args, kwargs = list(args), dict(kwargs)
     for name, value in new.items():
         index = names.index(name) if name in names else len(args)

@@ -92,7 +92,7 @@ class PositionShift:
         self.prefix_len = prefix_len
 
     def __call__(self, module, args, kwargs):
-        call = inspect.signature(module.forward).bind(*args, **kwargs).arguments
+        call = attention.forward_signature(type(module)).bind(*args, **kwargs).arguments
         positions = call.get("position_ids")
         if positions is None:
             tokens = call.get("input_ids")
