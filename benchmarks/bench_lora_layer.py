@@ -127,13 +127,7 @@ def main():
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    print(f"threads: {torch.get_num_threads()}  device: {common.device_name()}")
-    rows = run(args)
-    print_table(rows)
-    meta = common.metadata(benchmark="lora_layer", rounds=args.rounds, warmup=args.warmup)
-    common.write_results(args.device, meta, rows, args.out)
-
+    common.run_and_report(args, run, print_table, args.device, "lora_layer")
 
 if __name__ == "__main__":
     main()

@@ -92,6 +92,16 @@ def write_results(name: str, meta: dict, rows: list, out: Path | None = None) ->
     return path
 
 
+def run_and_report(args, run, print_table, name: str, benchmark: str) -> None:
+    """Fix and print the thread count, run, print the table, write the JSON."""
+    torch.set_num_threads(args.threads)
+    print(f"threads: {torch.get_num_threads()}  device: {device_name()}")
+    rows = run(args)
+    print_table(rows)
+    meta = metadata(benchmark=benchmark, rounds=args.rounds, warmup=args.warmup)
+    write_results(name, meta, rows, args.out)
+
+
 def peft_twin(base: torch.nn.Linear, ours, rank: int, dropout: float = 0.0):
     """HF PEFT's LoRA Linear around a copy of ``base``, with the same alpha, dropout and adapter values."""
     from peft import LoraConfig, inject_adapter_in_model

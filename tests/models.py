@@ -107,6 +107,16 @@ def assert_unchanged(model: nn.Module, before: dict) -> None:
         assert torch.equal(after["values"][key], value), key
 
 
+def assert_load_refused(model: nn.Module, directory, match: str) -> None:
+    """load_adapter raises PeftliteError matching ``match`` and leaves ``model`` exactly as it was."""
+    import pytest
+
+    before = snapshot(model)
+    with pytest.raises(peftlite.PeftliteError, match=match):
+        peftlite.load_adapter(model, directory)
+    assert_unchanged(model, before)
+
+
 def injected_llama(rank: int = 4, seed: int = 0, **kwargs):
     model = tiny_llama(seed)
     peftlite.inject(model, rank=rank, **kwargs)

@@ -7,7 +7,7 @@ import torch
 
 import peftlite
 from peftlite import PeftliteError
-from tests.models import assert_unchanged, snapshot, tiny_bert, tiny_llama
+from tests.models import assert_load_refused, tiny_bert, tiny_llama
 from tests.test_adapter import randomize
 from tests.test_prefix_tuning import gpt2
 
@@ -86,22 +86,14 @@ def test_bad_prefix_files_raise_and_leave_model_unchanged(tmp_path, change, matc
     peftlite.inject(source, method="prefix", prefix_len=4)
     peftlite.save_adapter(source, tmp_path)
     change(tmp_path)
-    model = tiny_llama()
-    before = snapshot(model)
-    with pytest.raises(PeftliteError, match=match):
-        peftlite.load_adapter(model, tmp_path)
-    assert_unchanged(model, before)
+    assert_load_refused(tiny_llama(), tmp_path, match)
 
 
 def test_prefix_for_another_model_is_named(tmp_path):
     source = tiny_llama()
     peftlite.inject(source, method="prefix", prefix_len=4)
     peftlite.save_adapter(source, tmp_path)
-    model = tiny_llama(num_hidden_layers=3)
-    before = snapshot(model)
-    with pytest.raises(PeftliteError, match="for 2 layers .* the model has 3 attention layers"):
-        peftlite.load_adapter(model, tmp_path)
-    assert_unchanged(model, before)
+    assert_load_refused(tiny_llama(num_hidden_layers=3), tmp_path, "for 2 layers .* the model has 3 attention layers")
 
 
 def test_adapters_round_trip(tmp_path):
@@ -125,11 +117,7 @@ def test_bad_adapter_file_raises_and_leaves_model_unchanged(tmp_path):
     config = json.loads((tmp_path / "adapter_config.json").read_text())
     config["modules"]["model.layers.1.mlp.down_proj"]["bottleneck"] = 5
     (tmp_path / "adapter_config.json").write_text(json.dumps(config))
-    model = tiny_llama()
-    before = snapshot(model)
-    with pytest.raises(PeftliteError, match="shape mismatch"):
-        peftlite.load_adapter(model, tmp_path)
-    assert_unchanged(model, before)
+    assert_load_refused(tiny_llama(), tmp_path, "shape mismatch")
 
 
 def test_mixed_methods_save_one_per_directory(tmp_path):
