@@ -320,3 +320,15 @@ def test_second_prefix_is_refused_unchanged():
     with pytest.raises(PeftliteError, match="already has a prefix"):
         peftlite.inject(model, method="prefix", prefix_len=2)
     assert_unchanged(model, before)
+
+
+def test_generate_with_kv_cache_matches_uncached_greedy_decoding():
+    model = tiny_llama()
+    peftlite.inject(model, method="prefix", prefix_len=3)
+    ids = torch.randint(1, 64, (1, 5))
+    cached = model.generate(ids, max_new_tokens=6, do_sample=False)  # positions come from the cache here
+    sequence = ids
+    for _ in range(6):
+        token = model(input_ids=sequence).logits[:, -1].argmax(-1, keepdim=True)
+        sequence = torch.cat([sequence, token], 1)
+    assert torch.equal(cached, sequence)
