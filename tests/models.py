@@ -5,7 +5,7 @@ from torch import nn
 
 import peftlite
 from peftlite.inject import lora_layers
-from peftlite.ops.dropout import drop_positions
+from peftlite.ops.dropout import draw_seed, drop_positions_from_seed
 
 # Relative tolerance per dtype: a few unit roundoffs, since each path rounds a handful of times.
 TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 2.5e-3, torch.bfloat16: 2e-2}
@@ -16,7 +16,7 @@ def keep_mask(shape, p, seed):
     """The inverted-dropout mask LoRALinear draws after torch.manual_seed(seed)."""
     torch.manual_seed(seed)
     keep = torch.full(shape, 1 / (1 - p), dtype=torch.float64)
-    keep.view(-1)[drop_positions(keep.numel(), p)] = 0
+    keep.view(-1)[drop_positions_from_seed(keep.numel(), p, draw_seed(p))] = 0
     return keep
 
 

@@ -1,4 +1,4 @@
-"""LoRAFunction (lora_linear) against ops.reference: forward, hand-written backward, needs_input_grad."""
+"""The peftlite::lora_forward custom op (lora_linear) against ops.reference: forward, backward, needs_input_grad."""
 
 import itertools
 
@@ -87,3 +87,19 @@ def test_empty_batch():
     assert y.shape == (0, 3)
     y.sum().backward()
     assert torch.equal(a.grad, torch.zeros_like(a))
+
+
+@pytest.mark.parametrize("p", [0.0, 0.3])
+def test_custom_ops_pass_torch_library_opcheck(p):
+    from peftlite.ops.autograd import lora_backward as backward_op
+    from peftlite.ops.autograd import lora_forward as forward_op
+    from peftlite.ops.dropout import draw_seed
+
+    x, weight, bias, a, b = tensors(7, 5, 6, 3, torch.float32)
+    a.requires_grad_(True)
+    b.requires_grad_(True)
+    seed = draw_seed(p)
+    torch.library.opcheck(forward_op, (x, weight, bias, a, b, 1.5, p, seed))
+    grad, t = torch.randn(7, 6), torch.randn(7, 3)
+    torch.library.opcheck(backward_op, (grad, x, weight, a, b, t, 1.5, p, seed, True, True, True),
+                          test_utils=("test_schema", "test_faketensor"))

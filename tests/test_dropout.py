@@ -5,14 +5,13 @@ import math
 import pytest
 import torch
 
-from peftlite.ops.dropout import apply_drop, drop_positions
+from peftlite.ops.dropout import draw_seed, drop_positions, drop_positions_from_seed, zero_positions
 
 
 @pytest.mark.parametrize("p", [0.01, 0.1, 0.5, 0.9])
 def test_fraction_and_layout(p):
     n = 200_003
-    torch.manual_seed(0)
-    positions = drop_positions(n, p)
+    positions = drop_positions(n, p, seed=11)
     assert positions.dtype == torch.int64 and positions.ndim == 1
     assert (positions[1:] > positions[:-1]).all() and positions[0] >= 0 and positions[-1] < n
     sigma = math.sqrt(n * p * (1 - p))
@@ -23,34 +22,46 @@ def test_fraction_and_layout(p):
 
 def test_neighbours_are_independent():
     n, p = 400_000, 0.3
-    torch.manual_seed(1)
     mask = torch.zeros(n, dtype=torch.bool)
-    mask[drop_positions(n, p)] = True
+    mask[drop_positions(n, p, seed=-5)] = True
     both = (mask[1:] & mask[:-1]).double().mean().item()
     assert abs(both - p * p) < 5 * math.sqrt(p * p * (1 - p * p) / n)
 
 
 def test_tiny_sizes_have_the_right_probability():
-    torch.manual_seed(2)
-    hits = sum(drop_positions(1, 0.25).numel() for _ in range(4000))
+    hits = sum(drop_positions(1, 0.25, seed=seed).numel() for seed in range(4000))
     assert abs(hits / 4000 - 0.25) < 5 * math.sqrt(0.25 * 0.75 / 4000)
 
 
-def test_reproducible_from_the_seed():
-    torch.manual_seed(3)
-    first = drop_positions(10_000, 0.2)
-    torch.manual_seed(3)
-    assert torch.equal(first, drop_positions(10_000, 0.2))
+def test_positions_are_a_function_of_the_seed_alone():
+    seed = draw_seed(0.3)
+    assert seed.device.type == "cpu" and seed.dtype == torch.int64
+    first = drop_positions_from_seed(5_000, 0.3, seed)
+    torch.rand(100)  # the global generator moving on does not matter
+    assert torch.equal(first, drop_positions_from_seed(5_000, 0.3, seed))
+    assert not torch.equal(first, drop_positions_from_seed(5_000, 0.3, seed + 1))
+    assert abs(first.numel() / 5_000 - 0.3) < 5 * math.sqrt(0.3 * 0.7 / 5_000)
 
 
-def test_apply_drop_zeroes_exactly_those_positions():
+def test_uniform_stream_is_uniform_and_continues_across_chunks():
+    from peftlite.ops.dropout import uniform
+
+    u = uniform(123, 0, 100_000)
+    assert u.dtype == torch.float32 and 0 <= u.min() and u.max() < 1
+    assert torch.equal(uniform(123, 40_000, 10), u[40_000:40_010])  # counter-based: any slice alone
+    counts = torch.histc(u, bins=16, min=0, max=1)
+    assert (counts - 100_000 / 16).abs().max() < 5 * math.sqrt(100_000 / 16)
+    assert abs(torch.corrcoef(torch.stack([u[1:], u[:-1]]))[0, 1].item()) < 0.02
+
+
+def test_zero_positions_zeroes_exactly_those_positions_in_place():
     x = torch.arange(1.0, 13.0).view(3, 4)
-    out = apply_drop(x, torch.tensor([0, 5, 11]))
+    out = zero_positions(x, torch.tensor([0, 5, 11]))
     assert out.flatten().tolist() == [0, 2, 3, 4, 5, 0, 7, 8, 9, 10, 11, 0]
-    assert x[0, 0] == 1  # a copy
+    assert out is x
 
 
 @pytest.mark.parametrize("p", [0.0, 1.0, -0.1])
 def test_rejects_degenerate_probabilities(p):
     with pytest.raises(ValueError):
-        drop_positions(10, p)
+        drop_positions(10, p, seed=0)

@@ -1,61 +1,108 @@
-"""LoRAFunction: the low-rank update with a hand-written backward (CPU and GPU, any float dtype).
+"""The low-rank update as ``torch.library`` custom ops with a hand-written backward (CPU and GPU).
 
-Against plain autograd over ``addmm`` calls it saves an [M, K] add and allocation in backward
-(the low-rank term is accumulated into ``dx`` by ``addmm_``), keeps dropout as a list of dropped
-positions instead of a dropped copy of ``x``, and skips every gradient nobody asked for.
-Saved for backward: x (when A or W needs a gradient), t = h A^T [M, r] (when B does), the
-dropped positions, and the parameters themselves. See ``reference.py`` for the math.
+``peftlite::lora_forward`` and ``peftlite::lora_backward`` are opaque to ``torch.compile``
+(fake implementations give it the output shapes), so a model with injected LoRA compiles with
+``fullgraph=True``; eager calls run the same code. Against plain autograd over ``addmm`` calls:
+
+- the low-rank product is accumulated into the base output (``y.addmm_(t, B^T)``) and, in
+  backward, into ``dx`` (``dx = (dt A) masked, then dx.addmm_(g, W)``): no [M, N] or [M, K] sum;
+- dropout is a seed, not a mask: the dropped positions are drawn from it in forward and drawn
+  again in backward (see ``dropout.py``), so nothing of size [M, K] is kept for it;
+- gradients nobody asked for are not computed (the frozen weight's, and ``dx`` when ``x``
+  does not require grad).
+
+Saved for backward: x (when A needs a gradient), t = h A^T [M, r] (when B does), A, B, W (when
+x needs a gradient) and the seed. See ``reference.py`` for the math.
 """
 
 import torch
-from torch.autograd.function import once_differentiable
+from torch import Tensor
 
-from .dropout import apply_drop, drop_positions
+from .dropout import draw_seed, drop_positions_from_seed, zero_positions
+
+EMPTY = (0,)
 
 
-class LoRAFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, weight, bias, lora_A, lora_B, scaling: float, dropout: float):
-        # x: [M, K] contiguous; returns y: [M, N]
-        need_x, need_w, _, need_a, need_b = ctx.needs_input_grad[:5]
-        drop = drop_positions(x.numel(), dropout, x.device) if dropout else None
-        s = scaling / (1.0 - dropout)  # inverted dropout's 1/(1-p), folded into the scale
-        y = torch.mm(x, weight.t()) if bias is None else torch.addmm(bias, x, weight.t())
-        t = torch.mm(x if drop is None else apply_drop(x, drop), lora_A.t())  # [M, r]
-        y.addmm_(t, lora_B.t(), alpha=s)
-        ctx.save_for_backward(x if (need_a or need_w) else None, weight if need_x else None, lora_A, lora_B,
-                              t if need_b else None, drop)
-        ctx.s = s
-        return y
+@torch.library.custom_op("peftlite::lora_forward", mutates_args=())
+def lora_forward(x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tensor, lora_B: Tensor, scaling: float,
+                 dropout: float, seed: Tensor) -> tuple[Tensor, Tensor]:
+    """``(y, t)``: ``y = x W^T + b + s' t B^T`` [M, N] and ``t = h A^T`` [M, r], ``h`` = x with drops zeroed.
 
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad):
-        x, weight, lora_A, lora_B, t, drop = ctx.saved_tensors
-        need_x, need_w, need_bias, need_a, need_b = ctx.needs_input_grad[:5]
-        dx = d_weight = d_bias = d_a = d_b = None
-        if need_x or need_a:
-            dt = torch.mm(grad, lora_B).mul_(ctx.s)  # [M, r]
-        if need_b:
-            d_b = torch.mm(grad.t(), t).mul_(ctx.s)  # [N, r]
-        if need_a:
-            d_a = torch.mm(dt.t(), x if drop is None else apply_drop(x, drop))  # [r, K]
-        if need_x:
-            dx = torch.mm(dt, lora_A)  # [M, K]: low-rank term first, dropout mask on it, then the big GEMM
-            if drop is not None:
-                dx.view(-1).index_fill_(0, drop, 0)
-            dx.addmm_(grad, weight)
-        if need_w:
-            d_weight = torch.mm(grad.t(), x)
-        if need_bias:
-            d_bias = grad.sum(0)
-        return dx, d_weight, d_bias, d_a, d_b, None, None
+    ``s' = scaling / (1 - dropout)``: inverted dropout's factor, folded into the scale.
+    """
+    h = x
+    if dropout:
+        h = zero_positions(x.clone(), drop_positions_from_seed(x.numel(), dropout, seed, x.device))
+    y = torch.mm(x, weight.t()) if bias is None else torch.addmm(bias, x, weight.t())
+    t = torch.mm(h, lora_A.t())  # [M, r]
+    y.addmm_(t, lora_B.t(), alpha=scaling / (1.0 - dropout))
+    return y, t
+
+
+@lora_forward.register_fake
+def _(x, weight, bias, lora_A, lora_B, scaling, dropout, seed):
+    return x.new_empty(x.shape[0], weight.shape[0]), x.new_empty(x.shape[0], lora_A.shape[0])
+
+
+@torch.library.custom_op("peftlite::lora_backward", mutates_args=())
+def lora_backward(grad: Tensor, x: Tensor | None, weight: Tensor | None, lora_A: Tensor, lora_B: Tensor,
+                  t: Tensor | None, scaling: float, dropout: float, seed: Tensor, need_x: bool, need_a: bool,
+                  need_b: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """``(dx, dA, dB)``; an output nobody needs is an empty tensor."""
+    s = scaling / (1.0 - dropout)
+    dx, d_a, d_b = (grad.new_empty(EMPTY) for _ in range(3))  # distinct: outputs may not alias
+    drop = None
+    if dropout and (need_x or need_a):
+        drop = drop_positions_from_seed(grad.shape[0] * lora_A.shape[1], dropout, seed, grad.device)
+    if need_x or need_a:
+        dt = torch.mm(grad, lora_B).mul_(s)  # [M, r]
+    if need_b:
+        d_b = torch.mm(grad.t(), t).mul_(s)  # [N, r]
+    if need_a:
+        d_a = torch.mm(dt.t(), x if drop is None else zero_positions(x.clone(), drop))  # [r, K]
+    if need_x:
+        dx = torch.mm(dt, lora_A)  # [M, K]: low-rank term first, dropout mask on it, then the big GEMM
+        if drop is not None:
+            zero_positions(dx, drop)
+        dx.addmm_(grad, weight)
+    return dx, d_a, d_b
+
+
+@lora_backward.register_fake
+def _(grad, x, weight, lora_A, lora_B, t, scaling, dropout, seed, need_x, need_a, need_b):
+    rows, cols = grad.shape[0], lora_A.shape[1]
+    return (grad.new_empty(rows, cols) if need_x else grad.new_empty(EMPTY),
+            grad.new_empty(lora_A.shape) if need_a else grad.new_empty(EMPTY),
+            grad.new_empty(lora_B.shape) if need_b else grad.new_empty(EMPTY))
+
+
+def setup_context(ctx, inputs, output):
+    x, weight, bias, lora_A, lora_B, scaling, dropout, seed = inputs
+    need_x, need_w, _, need_a, need_b = ctx.needs_input_grad[:5]
+    ctx.save_for_backward(x if (need_a or need_w) else None, weight if need_x else None, lora_A, lora_B,
+                          output[1] if need_b else None, seed)
+    ctx.scaling, ctx.dropout = scaling, dropout
+
+
+def backward(ctx, grad, grad_t):
+    x, weight, lora_A, lora_B, t, seed = ctx.saved_tensors
+    need_x, need_w, need_bias, need_a, need_b = ctx.needs_input_grad[:5]
+    grad = grad.contiguous()
+    dx, d_a, d_b = lora_backward(grad, x, weight, lora_A, lora_B, t, ctx.scaling, ctx.dropout, seed,
+                                 need_x, need_a, need_b)
+    d_weight = torch.mm(grad.t(), x) if need_w else None
+    d_bias = grad.sum(0) if need_bias else None
+    return (dx if need_x else None, d_weight, d_bias, d_a if need_a else None, d_b if need_b else None,
+            None, None, None)
+
+
+lora_forward.register_autograd(backward, setup_context=setup_context)
 
 
 def lora_linear(x, weight, bias, lora_A, lora_B, scaling: float, dropout: float = 0.0):
-    """``x [..., K] -> [..., N]`` through :class:`LoRAFunction`."""
+    """``x [..., K] -> [..., N]`` through ``peftlite::lora_forward``; draws the dropout seed if ``dropout``."""
     x2 = x.reshape(-1, x.shape[-1])
     if not x2.is_contiguous():
         x2 = x2.contiguous()
-    y = LoRAFunction.apply(x2, weight, bias, lora_A, lora_B, scaling, dropout)
+    y, _ = lora_forward(x2, weight, bias, lora_A, lora_B, float(scaling), float(dropout), draw_seed(dropout))
     return y.view(*x.shape[:-1], weight.shape[0])

@@ -1,31 +1,62 @@
-"""Dropout as a sorted list of dropped positions instead of a dense mask.
+"""Dropout as a sorted list of dropped positions, drawn from a seed, instead of a dense mask.
 
 Each element is dropped independently with probability p, so the gaps between consecutive
 dropped positions are i.i.d. Geometric(p) on {1, 2, ...}. Drawing those gaps costs about
-``p * numel`` random numbers instead of ``numel``, and the result is small enough to keep for
-backward (int64 per dropped element) instead of a dropped copy of the input.
+``p * numel`` random numbers instead of ``numel``, and the positions are a function of one seed,
+so forward and backward draw them again instead of keeping a mask or a dropped copy of the input.
 
 A gap is ``floor(log(1 - U) / log(1 - p)) + 1`` with ``U`` uniform on the float32 grid of [0, 1),
-so every gap probability matches the geometric law to within 2**-24.
+so every gap probability matches the geometric law to within 2**-24. ``U`` comes from a
+counter-based generator (SplitMix64: the i-th number is a fixed mixing function of
+``seed + i * golden``), computed with vectorised integer ops on the tensors' own device: the
+same seed gives the same positions on every device, with no generator state to carry.
+
+The seed is an int64 scalar tensor on the CPU, drawn from torch's global CPU generator by
+:func:`draw_seed` (no device sync); activation checkpointing restores that generator's state
+before recomputing, so a recomputed forward draws the same mask.
 """
 
 import math
 
 import torch
 
+GOLDEN = 0x9E3779B97F4A7C15 - (1 << 64)  # SplitMix64 constants, as signed int64
+MIX1 = 0xBF58476D1CE4E5B9 - (1 << 64)
+MIX2 = 0x94D049BB133111EB - (1 << 64)
+NO_SEED = torch.zeros((), dtype=torch.int64)
 
-def drop_positions(numel: int, p: float, device=None, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Sorted flat indices in ``[0, numel)``, each index present independently with probability ``p``."""
+
+def logical_shift(z: torch.Tensor, bits: int) -> torch.Tensor:
+    """``z >> bits`` on the 64-bit pattern (int64 ``>>`` sign-extends)."""
+    return (z >> bits) & ((1 << (64 - bits)) - 1)
+
+
+def uniform(seed: int, start: int, count: int, device=None) -> torch.Tensor:
+    """Numbers ``start .. start + count - 1`` of stream ``seed``, uniform on the float32 grid of [0, 1).
+
+    Hash ``j`` gives numbers ``2j`` (its top 24 bits) and ``2j + 1`` (the next 24 bits).
+    """
+    first = start // 2
+    z = torch.arange(first, (start + count + 1) // 2, dtype=torch.int64, device=device).mul_(GOLDEN).add_(seed)
+    z = (z ^ logical_shift(z, 30)).mul_(MIX1)  # the products wrap, as SplitMix64's do
+    z = (z ^ logical_shift(z, 27)).mul_(MIX2)
+    z = z ^ logical_shift(z, 31)
+    pairs = torch.stack([logical_shift(z, 40), (z >> 16) & 0xFFFFFF], dim=1).view(-1)
+    return pairs[start - 2 * first: start - 2 * first + count].to(torch.float32).mul_(2.0 ** -24)
+
+
+def drop_positions(numel: int, p: float, seed: int, device=None) -> torch.Tensor:
+    """Sorted flat indices in ``[0, numel)``, each present independently with probability ``p``."""
     if not 0 < p < 1:
         raise ValueError(f"drop probability must be in (0, 1), got {p}")
     inv_log_keep = 1.0 / math.log1p(-p)
-    chunks, end = [], -1  # `end`: the last position drawn so far
+    chunks, end, drawn = [], -1, 0  # `end`: the last position drawn so far; `drawn`: numbers used
     while end < numel - 1:
         expected = (numel - 1 - end) * p  # drops still to come; draw a few sigma more so one round nearly always does
         count = int(expected + 6 * math.sqrt(expected) + 64)
-        uniform = torch.rand(count, device=device, generator=generator)
-        gaps = torch.log1p(uniform.neg_()).mul_(inv_log_keep).floor_().to(torch.int64).add_(1)
-        positions = gaps.cumsum_(0).add_(end)
+        gaps = torch.log1p(uniform(seed, drawn, count, device).neg_()).mul_(inv_log_keep).floor_()
+        positions = gaps.to(torch.int64).add_(1).cumsum_(0).add_(end)
+        drawn += count
         end = positions[-1].item()
         chunks.append(positions)
     if not chunks:  # numel == 0
@@ -34,8 +65,17 @@ def drop_positions(numel: int, p: float, device=None, generator: torch.Generator
     return positions[: torch.searchsorted(positions, numel)]
 
 
-def apply_drop(x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-    """A copy of contiguous ``x`` with the flat ``positions`` set to zero (no 1/(1-p) scaling)."""
-    out = x.clone()
-    out.view(-1).index_fill_(0, positions, 0)
-    return out
+def draw_seed(p: float) -> torch.Tensor:
+    """A fresh seed from the global CPU generator (no device sync), or a constant when ``p`` is 0."""
+    return torch.randint(-(2**63), 2**63 - 1, (), dtype=torch.int64) if p else NO_SEED
+
+
+def drop_positions_from_seed(numel: int, p: float, seed: torch.Tensor, device=None) -> torch.Tensor:
+    """:func:`drop_positions` for a seed held in a CPU int64 scalar tensor."""
+    return drop_positions(numel, p, int(seed), device)
+
+
+def zero_positions(x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """Set the flat ``positions`` of contiguous ``x`` to zero, in place; return ``x``."""
+    x.view(-1).index_fill_(0, positions, 0)
+    return x
