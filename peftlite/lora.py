@@ -9,7 +9,7 @@ from torch import nn
 from .errors import PeftliteError
 from . import exact_merge
 from .exact_merge import MergeResidual
-from .ops.autograd import lora_linear
+from .ops.backend import lora_linear
 
 INITS = ("default", "gaussian")
 

@@ -1,0 +1,46 @@
+"""Which implementation of the low-rank update a LoRALinear runs.
+
+- ``torch`` (default): the ``peftlite::lora_forward`` custom op (``autograd.py``): hand-written
+  backward, dropout as a seed, compiles with ``torch.compile(fullgraph=True)``.
+- ``reference``: plain autograd over ``reference.lora_forward`` with the same dropout mask (drawn
+  from the same seed as a dense mask): slow, obviously correct, for checking the fast path.
+
+``PEFTLITE_BACKEND=reference|torch`` forces one for every layer; it is read at each call, so
+it can be switched inside a process (tests do).
+"""
+
+import os
+
+import torch
+
+from ..errors import PeftliteError
+from .autograd import lora_linear as torch_lora_linear
+from .dropout import draw_seed, drop_positions_from_seed
+from .reference import lora_forward
+
+BACKENDS = ("reference", "torch")
+VARIABLE = "PEFTLITE_BACKEND"
+
+
+def backend() -> str:
+    chosen = os.environ.get(VARIABLE, "torch") or "torch"
+    if chosen not in BACKENDS:
+        raise PeftliteError(f"{VARIABLE}={chosen!r}: expected one of {', '.join(BACKENDS)} (or unset for torch).")
+    return chosen
+
+
+def reference_lora_linear(x, weight, bias, lora_A, lora_B, scaling: float, dropout: float = 0.0):
+    """``x [..., K] -> [..., N]`` by :func:`reference.lora_forward` under plain autograd."""
+    x2 = x.reshape(-1, x.shape[-1])
+    keep = None
+    if dropout:
+        keep = torch.full(x2.shape, 1.0 / (1.0 - dropout), dtype=x.dtype, device=x.device)
+        keep.view(-1)[drop_positions_from_seed(keep.numel(), dropout, draw_seed(dropout), x.device)] = 0
+    y = lora_forward(x2, weight, bias, lora_A, lora_B, scaling, keep)
+    return y.view(*x.shape[:-1], weight.shape[0])
+
+
+def lora_linear(x, weight, bias, lora_A, lora_B, scaling: float, dropout: float = 0.0):
+    """The low-rank update through the selected backend."""
+    run = reference_lora_linear if backend() == "reference" else torch_lora_linear
+    return run(x, weight, bias, lora_A, lora_B, scaling, dropout)
