@@ -23,8 +23,7 @@ from .dropout import draw_seed, drop_positions_from_seed, zero_positions
 EMPTY = (0,)
 
 
-@torch.library.custom_op("peftlite::lora_forward", mutates_args=())
-def lora_forward(x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tensor, lora_B: Tensor, scaling: float,
+def torch_forward(x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tensor, lora_B: Tensor, scaling: float,
                  dropout: float, seed: Tensor) -> tuple[Tensor, Tensor]:
     """``(y, t)``: ``y = x W^T + b + s' t B^T`` [M, N] and ``t = h A^T`` [M, r], ``h`` = x with drops zeroed.
 
@@ -39,13 +38,7 @@ def lora_forward(x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tensor,
     return y, t
 
 
-@lora_forward.register_fake
-def _(x, weight, bias, lora_A, lora_B, scaling, dropout, seed):
-    return x.new_empty(x.shape[0], weight.shape[0]), x.new_empty(x.shape[0], lora_A.shape[0])
-
-
-@torch.library.custom_op("peftlite::lora_backward", mutates_args=())
-def lora_backward(grad: Tensor, x: Tensor | None, weight: Tensor | None, lora_A: Tensor, lora_B: Tensor,
+def torch_backward(grad: Tensor, x: Tensor | None, weight: Tensor | None, lora_A: Tensor, lora_B: Tensor,
                   t: Tensor | None, scaling: float, dropout: float, seed: Tensor, need_x: bool, need_a: bool,
                   need_b: bool) -> tuple[Tensor, Tensor, Tensor]:
     """``(dx, dA, dB)``; an output nobody needs is an empty tensor."""
@@ -68,41 +61,71 @@ def lora_backward(grad: Tensor, x: Tensor | None, weight: Tensor | None, lora_A:
     return dx, d_a, d_b
 
 
-@lora_backward.register_fake
-def _(grad, x, weight, lora_A, lora_B, t, scaling, dropout, seed, need_x, need_a, need_b):
+def fake_forward(x, weight, bias, lora_A, lora_B, scaling, dropout, seed):
+    return x.new_empty(x.shape[0], weight.shape[0]), x.new_empty(x.shape[0], lora_A.shape[0])
+
+
+def fake_backward(grad, x, weight, lora_A, lora_B, t, scaling, dropout, seed, need_x, need_a, need_b):
     rows, cols = grad.shape[0], lora_A.shape[1]
     return (grad.new_empty(rows, cols) if need_x else grad.new_empty(EMPTY),
             grad.new_empty(lora_A.shape) if need_a else grad.new_empty(EMPTY),
             grad.new_empty(lora_B.shape) if need_b else grad.new_empty(EMPTY))
 
 
-def setup_context(ctx, inputs, output):
-    x, weight, bias, lora_A, lora_B, scaling, dropout, seed = inputs
-    need_x, need_w, _, need_a, need_b = ctx.needs_input_grad[:5]
-    ctx.save_for_backward(x if (need_a or need_w) else None, weight if need_x else None, lora_A, lora_B,
-                          output[1] if need_b else None, seed)
-    ctx.scaling, ctx.dropout = scaling, dropout
+def define_ops(name: str, forward_impl, backward_impl):
+    """Register ``peftlite::<name>_forward`` / ``_backward`` custom ops with fakes and autograd; return the forward."""
+    forward_op = torch.library.custom_op(f"peftlite::{name}_forward", forward_impl, mutates_args=())
+    backward_op = torch.library.custom_op(f"peftlite::{name}_backward", backward_impl, mutates_args=())
+    forward_op.register_fake(fake_forward)
+    backward_op.register_fake(fake_backward)
+
+    def setup_context(ctx, inputs, output):
+        x, weight, bias, lora_A, lora_B, scaling, dropout, seed = inputs
+        need_x, need_w, _, need_a, need_b = ctx.needs_input_grad[:5]
+        ctx.save_for_backward(x if (need_a or need_w) else None, weight if need_x else None, lora_A, lora_B,
+                              output[1] if need_b else None, seed)
+        ctx.scaling, ctx.dropout = scaling, dropout
+
+    def backward(ctx, grad, grad_t):
+        x, weight, lora_A, lora_B, t, seed = ctx.saved_tensors
+        need_x, need_w, need_bias, need_a, need_b = ctx.needs_input_grad[:5]
+        grad = grad.contiguous()
+        dx, d_a, d_b = backward_op(grad, x, weight, lora_A, lora_B, t, ctx.scaling, ctx.dropout, seed,
+                                   need_x, need_a, need_b)
+        d_weight = torch.mm(grad.t(), x) if need_w else None
+        d_bias = grad.sum(0) if need_bias else None
+        return (dx if need_x else None, d_weight, d_bias, d_a if need_a else None, d_b if need_b else None,
+                None, None, None)
+
+    forward_op.register_autograd(backward, setup_context=setup_context)
+    return forward_op, backward_op
 
 
-def backward(ctx, grad, grad_t):
-    x, weight, lora_A, lora_B, t, seed = ctx.saved_tensors
-    need_x, need_w, need_bias, need_a, need_b = ctx.needs_input_grad[:5]
-    grad = grad.contiguous()
-    dx, d_a, d_b = lora_backward(grad, x, weight, lora_A, lora_B, t, ctx.scaling, ctx.dropout, seed,
-                                 need_x, need_a, need_b)
-    d_weight = torch.mm(grad.t(), x) if need_w else None
-    d_bias = grad.sum(0) if need_bias else None
-    return (dx if need_x else None, d_weight, d_bias, d_a if need_a else None, d_b if need_b else None,
-            None, None, None)
+lora_forward, lora_backward = define_ops("lora", torch_forward, torch_backward)
 
 
-lora_forward.register_autograd(backward, setup_context=setup_context)
+def triton_forward(x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tensor, lora_B: Tensor, scaling: float,
+                   dropout: float, seed: Tensor) -> tuple[Tensor, Tensor]:
+    from . import triton_lora  # imported on first use: triton is optional, and TRITON_INTERPRET is read at import
+
+    return triton_lora.forward(x, weight, bias, lora_A, lora_B, scaling, dropout, seed)
 
 
-def lora_linear(x, weight, bias, lora_A, lora_B, scaling: float, dropout: float = 0.0):
-    """``x [..., K] -> [..., N]`` through ``peftlite::lora_forward``; draws the dropout seed if ``dropout``."""
+def triton_backward(grad: Tensor, x: Tensor | None, weight: Tensor | None, lora_A: Tensor, lora_B: Tensor,
+                    t: Tensor | None, scaling: float, dropout: float, seed: Tensor, need_x: bool, need_a: bool,
+                    need_b: bool) -> tuple[Tensor, Tensor, Tensor]:
+    from . import triton_lora
+
+    return triton_lora.backward(grad, x, weight, lora_A, lora_B, t, scaling, dropout, seed, need_x, need_a, need_b)
+
+
+triton_lora_forward, triton_lora_backward = define_ops("lora_triton", triton_forward, triton_backward)
+
+
+def lora_linear(x, weight, bias, lora_A, lora_B, scaling: float, dropout: float = 0.0, op=None):
+    """``x [..., K] -> [..., N]`` through ``op`` (``peftlite::lora_forward`` by default); draws the dropout seed."""
     x2 = x.reshape(-1, x.shape[-1])
     if not x2.is_contiguous():
         x2 = x2.contiguous()
-    y, _ = lora_forward(x2, weight, bias, lora_A, lora_B, float(scaling), float(dropout), draw_seed(dropout))
+    y, _ = (op or lora_forward)(x2, weight, bias, lora_A, lora_B, float(scaling), float(dropout), draw_seed(dropout))
     return y.view(*x.shape[:-1], weight.shape[0])

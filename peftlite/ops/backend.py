@@ -2,11 +2,15 @@
 
 - ``torch`` (default): the ``peftlite::lora_forward`` custom op (``autograd.py``): hand-written
   backward, dropout as a seed, compiles with ``torch.compile(fullgraph=True)``.
+- ``triton``: the Triton kernels of ``triton_lora.py`` (CUDA tensors; CPU tensors run through
+  Triton's interpreter when ``TRITON_INTERPRET=1`` is set before peftlite first uses them), as
+  the ``peftlite::lora_triton_forward`` custom op.
 - ``reference``: plain autograd over ``reference.lora_forward`` with the same dropout mask (drawn
   from the same seed as a dense mask): slow, obviously correct, for checking the fast path.
 
-``PEFTLITE_BACKEND=reference|torch`` forces one for every layer; it is read at each call, so
-it can be switched inside a process (tests do).
+``PEFTLITE_BACKEND=reference|torch|triton`` forces one for every layer; it is read at each
+call, so it can be switched inside a process (tests do). Unset, every device runs ``torch``:
+the Triton kernels become the CUDA default once GPU measurements show where they win.
 """
 
 import os
@@ -15,10 +19,11 @@ import torch
 
 from ..errors import PeftliteError
 from .autograd import lora_linear as torch_lora_linear
+from .autograd import triton_lora_forward
 from .dropout import draw_seed, drop_positions_from_seed
 from .reference import lora_forward
 
-BACKENDS = ("reference", "torch")
+BACKENDS = ("reference", "torch", "triton")
 VARIABLE = "PEFTLITE_BACKEND"
 
 
@@ -26,7 +31,17 @@ def backend() -> str:
     chosen = os.environ.get(VARIABLE, "torch") or "torch"
     if chosen not in BACKENDS:
         raise PeftliteError(f"{VARIABLE}={chosen!r}: expected one of {', '.join(BACKENDS)} (or unset for torch).")
+    if chosen == "triton" and not triton_available():
+        raise PeftliteError(f"{VARIABLE}=triton, but the triton package is not installed (pip install triton).")
     return chosen
+
+
+def triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def reference_lora_linear(x, weight, bias, lora_A, lora_B, scaling: float, dropout: float = 0.0):
@@ -42,5 +57,8 @@ def reference_lora_linear(x, weight, bias, lora_A, lora_B, scaling: float, dropo
 
 def lora_linear(x, weight, bias, lora_A, lora_B, scaling: float, dropout: float = 0.0):
     """The low-rank update through the selected backend."""
-    run = reference_lora_linear if backend() == "reference" else torch_lora_linear
-    return run(x, weight, bias, lora_A, lora_B, scaling, dropout)
+    chosen = backend()
+    if chosen == "reference":
+        return reference_lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout)
+    op = triton_lora_forward if chosen == "triton" else None
+    return torch_lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout, op=op)

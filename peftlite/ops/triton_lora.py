@@ -1,0 +1,220 @@
+"""Triton kernels for the low-rank update (CUDA; CPU tensors through ``TRITON_INTERPRET=1``).
+
+Forward, ``y = x W^T + b + s' t B^T`` with ``t = h A^T``, ``h = keep * x``, ``s' = s / (1 - p)``:
+
+1. ``_t_kernel``: t [M, r] from x and A, dropout applied on the fly (``keep = rand(seed, m*K + k) >= p``,
+   Philox via ``tl.rand``): x is read once, no mask or dropped copy is ever written;
+2. ``_forward_kernel``: the base GEMM with the low-rank term in its epilogue
+   (``acc = x W^T; acc += s' t B^T; acc += b``): one write of y, no separate LoRA output.
+
+Backward, with g = dL/dy (``dt = s' g B`` and ``dB = s' g^T t`` are small cuBLAS GEMMs):
+
+3. ``_dx_kernel``: ``dx = g W + keep * (dt A)``: the low-rank term folded into the dx GEMM's epilogue;
+4. ``_da_kernel``: ``dA = dt^T (keep * x)``, the mask redrawn from the seed.
+
+Saved for backward: x, t, A, B, W and the seed, as on the torch path. Accumulation is float32;
+inputs bf16, fp16 or fp32 (fp32 products in IEEE precision, not TF32). The rank is padded to a
+power of two >= 16 for ``tl.dot``. Block sizes are fixed per dtype (not autotuned).
+"""
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+MAX_OFFSET = 2**31  # tl.rand counters are int32: M * K must stay below
+
+
+@triton.jit
+def _dot(a, b, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    """``a @ b`` with float32 accumulation; ``UPCAST`` (the interpreter, whose 16-bit dot is wrong) multiplies
+    in float32, which for bf16/fp16 inputs gives the same exact products the GPU's tensor cores do."""
+    if UPCAST:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    return tl.dot(a, b, input_precision=PRECISION)
+
+
+@triton.jit
+def _keep(seed, rows, cols, K, p):
+    """The dropout keep-mask of elements (rows, cols) of an [M, K] input."""
+    return tl.rand(seed, rows[:, None] * K + cols[None, :]) >= p
+
+
+@triton.jit
+def _t_kernel(x_ptr, a_ptr, t_ptr, M, K, R, stride_x, stride_a, stride_t, seed, p,
+              DROPOUT: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr,
+              BR: tl.constexpr):
+    rows = tl.program_id(0) * BM + tl.arange(0, BM)
+    ranks = tl.arange(0, BR)
+    acc = tl.zeros((BM, BR), dtype=tl.float32)
+    for k0 in range(0, K, BK):
+        cols = k0 + tl.arange(0, BK)
+        x = tl.load(x_ptr + rows[:, None] * stride_x + cols[None, :],
+                    mask=(rows[:, None] < M) & (cols[None, :] < K), other=0.0)
+        if DROPOUT:
+            x = tl.where(_keep(seed, rows, cols, K, p), x, 0.0)
+        a_t = tl.load(a_ptr + ranks[None, :] * stride_a + cols[:, None],
+                      mask=(ranks[None, :] < R) & (cols[:, None] < K), other=0.0)  # A^T tile [BK, BR]
+        acc += _dot(x, a_t, PRECISION, UPCAST)
+    tl.store(t_ptr + rows[:, None] * stride_t + ranks[None, :], acc.to(t_ptr.dtype.element_ty),
+             mask=(rows[:, None] < M) & (ranks[None, :] < R))
+
+
+@triton.jit
+def _forward_kernel(x_ptr, w_ptr, bias_ptr, t_ptr, b_ptr, y_ptr, M, N, K, R, stride_x, stride_w, stride_t,
+                    stride_b, stride_y, scale, HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+                    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BR: tl.constexpr):
+    rows = tl.program_id(0) * BM + tl.arange(0, BM)
+    outs = tl.program_id(1) * BN + tl.arange(0, BN)
+    acc = tl.zeros((BM, BN), dtype=tl.float32)
+    for k0 in range(0, K, BK):
+        cols = k0 + tl.arange(0, BK)
+        x = tl.load(x_ptr + rows[:, None] * stride_x + cols[None, :],
+                    mask=(rows[:, None] < M) & (cols[None, :] < K), other=0.0)
+        w_t = tl.load(w_ptr + outs[None, :] * stride_w + cols[:, None],
+                      mask=(outs[None, :] < N) & (cols[:, None] < K), other=0.0)  # W^T tile [BK, BN]
+        acc += _dot(x, w_t, PRECISION, UPCAST)
+    ranks = tl.arange(0, BR)
+    t = tl.load(t_ptr + rows[:, None] * stride_t + ranks[None, :], mask=(rows[:, None] < M) & (ranks[None, :] < R),
+                other=0.0)
+    b_t = tl.load(b_ptr + outs[None, :] * stride_b + ranks[:, None], mask=(outs[None, :] < N) & (ranks[:, None] < R),
+                  other=0.0)  # B^T tile [BR, BN]
+    acc += scale * _dot(t, b_t, PRECISION, UPCAST)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + outs, mask=outs < N, other=0.0).to(tl.float32)[None, :]
+    tl.store(y_ptr + rows[:, None] * stride_y + outs[None, :], acc.to(y_ptr.dtype.element_ty),
+             mask=(rows[:, None] < M) & (outs[None, :] < N))
+
+
+@triton.jit
+def _dx_kernel(g_ptr, w_ptr, dt_ptr, a_ptr, dx_ptr, M, N, K, R, stride_g, stride_w, stride_dt, stride_a, stride_dx,
+               seed, p, DROPOUT: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr, BM: tl.constexpr,
+               BN: tl.constexpr, BK: tl.constexpr, BR: tl.constexpr):
+    rows = tl.program_id(0) * BM + tl.arange(0, BM)
+    cols = tl.program_id(1) * BK + tl.arange(0, BK)
+    acc = tl.zeros((BM, BK), dtype=tl.float32)
+    for n0 in range(0, N, BN):
+        outs = n0 + tl.arange(0, BN)
+        g = tl.load(g_ptr + rows[:, None] * stride_g + outs[None, :],
+                    mask=(rows[:, None] < M) & (outs[None, :] < N), other=0.0)
+        w = tl.load(w_ptr + outs[:, None] * stride_w + cols[None, :],
+                    mask=(outs[:, None] < N) & (cols[None, :] < K), other=0.0)  # W tile [BN, BK]
+        acc += _dot(g, w, PRECISION, UPCAST)
+    ranks = tl.arange(0, BR)
+    dt = tl.load(dt_ptr + rows[:, None] * stride_dt + ranks[None, :],
+                 mask=(rows[:, None] < M) & (ranks[None, :] < R), other=0.0)
+    a = tl.load(a_ptr + ranks[:, None] * stride_a + cols[None, :], mask=(ranks[:, None] < R) & (cols[None, :] < K),
+                other=0.0)
+    low = _dot(dt, a, PRECISION, UPCAST)
+    if DROPOUT:
+        low = tl.where(_keep(seed, rows, cols, K, p), low, 0.0)
+    tl.store(dx_ptr + rows[:, None] * stride_dx + cols[None, :], (acc + low).to(dx_ptr.dtype.element_ty),
+             mask=(rows[:, None] < M) & (cols[None, :] < K))
+
+
+@triton.jit
+def _da_kernel(dt_ptr, x_ptr, da_ptr, M, K, R, stride_dt, stride_x, stride_da, seed, p, DROPOUT: tl.constexpr,
+               PRECISION: tl.constexpr, UPCAST: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr, BR: tl.constexpr):
+    cols = tl.program_id(0) * BK + tl.arange(0, BK)
+    ranks = tl.arange(0, BR)
+    acc = tl.zeros((BR, BK), dtype=tl.float32)
+    for m0 in range(0, M, BM):
+        rows = m0 + tl.arange(0, BM)
+        dt_t = tl.load(dt_ptr + rows[None, :] * stride_dt + ranks[:, None],
+                       mask=(rows[None, :] < M) & (ranks[:, None] < R), other=0.0)  # dt^T tile [BR, BM]
+        x = tl.load(x_ptr + rows[:, None] * stride_x + cols[None, :],
+                    mask=(rows[:, None] < M) & (cols[None, :] < K), other=0.0)
+        if DROPOUT:
+            x = tl.where(_keep(seed, rows, cols, K, p), x, 0.0)
+        acc += _dot(dt_t, x, PRECISION, UPCAST)
+    tl.store(da_ptr + ranks[:, None] * stride_da + cols[None, :], acc.to(da_ptr.dtype.element_ty),
+             mask=(ranks[:, None] < R) & (cols[None, :] < K))
+
+
+@triton.jit
+def _keep_kernel(out_ptr, M, K, seed, p, BM: tl.constexpr, BK: tl.constexpr):
+    rows = tl.program_id(0) * BM + tl.arange(0, BM)
+    cols = tl.program_id(1) * BK + tl.arange(0, BK)
+    tl.store(out_ptr + rows[:, None] * K + cols[None, :], _keep(seed, rows, cols, K, p).to(tl.int8),
+             mask=(rows[:, None] < M) & (cols[None, :] < K))
+
+
+def blocks(dtype: torch.dtype, rank: int, device: torch.device) -> dict:
+    """Tile sizes: small under the interpreter (CPU tensors), GEMM-sized on the GPU."""
+    ranks = max(16, triton.next_power_of_2(rank))
+    if device.type != "cuda":
+        return {"BM": 16, "BN": 16, "BK": 16, "BR": ranks}
+    wide = 64 if dtype == torch.float32 else 128
+    return {"BM": 128, "BN": wide, "BK": 32 if dtype == torch.float32 else 64, "BR": ranks}
+
+
+def precision(dtype: torch.dtype, device: torch.device) -> dict:
+    """``tl.dot`` settings: IEEE fp32 products for fp32 (not TF32); float32 products under the interpreter."""
+    return {"PRECISION": "ieee" if dtype == torch.float32 else "tf32",  # "tf32" is ignored for 16-bit inputs
+            "UPCAST": device.type != "cuda"}
+
+
+def seed32(seed: Tensor) -> int:
+    return int(seed) & 0x7FFFFFFF
+
+
+def check_size(rows: int, cols: int) -> None:
+    if rows * cols >= MAX_OFFSET:
+        raise ValueError(f"the Triton LoRA kernels index dropout by int32 counters; {rows} x {cols} inputs are too "
+                         "large. Use PEFTLITE_BACKEND=torch for this layer.")
+
+
+def forward(x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tensor, lora_B: Tensor, scaling: float,
+            dropout: float, seed: Tensor) -> tuple[Tensor, Tensor]:
+    """``(y, t)`` as ``autograd.lora_forward`` computes them; x [M, K] contiguous."""
+    (M, K), N, R = x.shape, weight.shape[0], lora_A.shape[0]
+    check_size(M, K)
+    b, pr = blocks(x.dtype, R, x.device), precision(x.dtype, x.device)
+    weight, lora_A, lora_B = weight.contiguous(), lora_A.contiguous(), lora_B.contiguous()
+    t = x.new_empty(M, R)
+    y = x.new_empty(M, N)
+    _t_kernel[(triton.cdiv(M, b["BM"]),)](x, lora_A, t, M, K, R, x.stride(0), lora_A.stride(0), t.stride(0),
+                                          seed32(seed), dropout, DROPOUT=dropout > 0, **pr, BM=b["BM"],
+                                          BK=b["BK"], BR=b["BR"])
+    grid = (triton.cdiv(M, b["BM"]), triton.cdiv(N, b["BN"]))
+    _forward_kernel[grid](x, weight, bias if bias is not None else x, t, lora_B, y, M, N, K, R, x.stride(0),
+                          weight.stride(0), t.stride(0), lora_B.stride(0), y.stride(0), scaling / (1.0 - dropout),
+                          HAS_BIAS=bias is not None, **pr, **b)
+    return y, t
+
+
+def backward(grad: Tensor, x: Tensor | None, weight: Tensor | None, lora_A: Tensor, lora_B: Tensor,
+             t: Tensor | None, scaling: float, dropout: float, seed: Tensor, need_x: bool, need_a: bool,
+             need_b: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """``(dx, dA, dB)`` as ``autograd.lora_backward`` returns them (empty where not needed)."""
+    s = scaling / (1.0 - dropout)
+    (M, N), K, R = grad.shape, lora_A.shape[1], lora_A.shape[0]
+    b, pr = blocks(grad.dtype, R, grad.device), precision(grad.dtype, grad.device)
+    dx, d_a, d_b = (grad.new_empty((0,)) for _ in range(3))
+    if need_b:
+        d_b = torch.mm(grad.t(), t).mul_(s)  # [N, r]
+    if not (need_x or need_a):
+        return dx, d_a, d_b
+    dt = torch.mm(grad, lora_B).mul_(s)  # [M, r]
+    lora_A = lora_A.contiguous()
+    if need_x:
+        check_size(M, K)
+        weight = weight.contiguous()
+        dx = grad.new_empty(M, K)
+        grid = (triton.cdiv(M, b["BM"]), triton.cdiv(K, b["BK"]))
+        _dx_kernel[grid](grad, weight, dt, lora_A, dx, M, N, K, R, grad.stride(0), weight.stride(0), dt.stride(0),
+                         lora_A.stride(0), dx.stride(0), seed32(seed), dropout, DROPOUT=dropout > 0, **pr,
+                         **b)
+    if need_a:
+        d_a = torch.empty(R, K, dtype=lora_A.dtype, device=grad.device)
+        _da_kernel[(triton.cdiv(K, b["BK"]),)](dt, x, d_a, M, K, R, dt.stride(0), x.stride(0), d_a.stride(0),
+                                               seed32(seed), dropout, DROPOUT=dropout > 0, **pr,
+                                               BM=b["BM"], BK=b["BK"], BR=b["BR"])
+    return dx, d_a, d_b
+
+
+def keep_mask(rows: int, cols: int, dropout: float, seed: Tensor, device) -> Tensor:
+    """The [rows, cols] boolean keep-mask the kernels draw for ``seed``: for tests and the reference path."""
+    out = torch.empty(rows, cols, dtype=torch.int8, device=device)
+    _keep_kernel[(triton.cdiv(rows, 16), triton.cdiv(cols, 16))](out, rows, cols, seed32(seed), dropout, BM=16, BK=16)
+    return out.bool()
