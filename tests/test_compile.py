@@ -58,3 +58,21 @@ def test_merged_layer_compiles_too():
     layer.eval().merge()
     x = torch.randn(3, 8)
     torch.testing.assert_close(torch.compile(layer, fullgraph=True)(x), layer(x))
+
+
+def test_triton_backend_compiles_without_graph_breaks(monkeypatch):
+    pytest.importorskip("triton")
+    monkeypatch.setenv("PEFTLITE_BACKEND", "triton")
+    torch.manual_seed(0)
+    model = peftlite.inject(TinyMLP(), rank=3)
+    randomize_lora(model)
+    x = torch.randn(20, 12, requires_grad=True)
+    expected = model(x)
+    expected.sum().backward()
+    expected_grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    out = torch.compile(model, fullgraph=True)(x)
+    out.sum().backward()
+    torch.testing.assert_close(out, expected)
+    for name, grad in expected_grads.items():
+        torch.testing.assert_close(dict(model.named_parameters())[name].grad, grad)

@@ -7,6 +7,10 @@ Forward, ``y = x W^T + b + s' t B^T`` with ``t = h A^T``, ``h = keep * x``, ``s'
 2. ``_forward_kernel``: the base GEMM with the low-rank term in its epilogue
    (``acc = x W^T; acc += s' t B^T; acc += b``): one write of y, no separate LoRA output.
 
+Up to ``DECODE_ROWS`` rows (decoding), ``_decode_kernel`` does both in one launch: every program
+accumulates t beside its slice of the base GEMM (t is [M, r]: recomputing it per program costs
+``r / BN`` of the base FLOPs and no extra launch).
+
 Backward, with g = dL/dy (``dt = s' g B`` and ``dB = s' g^T t`` are small cuBLAS GEMMs):
 
 3. ``_dx_kernel``: ``dx = g W + keep * (dt A)``: the low-rank term folded into the dx GEMM's epilogue;
@@ -23,6 +27,7 @@ import triton.language as tl
 from torch import Tensor
 
 MAX_OFFSET = 2**31  # tl.rand counters are int32: M * K must stay below
+DECODE_ROWS = 16  # up to this many rows (tokens), the forward is one launch (_decode_kernel)
 
 
 @triton.jit
@@ -84,6 +89,41 @@ def _forward_kernel(x_ptr, w_ptr, bias_ptr, t_ptr, b_ptr, y_ptr, M, N, K, R, str
         acc += tl.load(bias_ptr + outs, mask=outs < N, other=0.0).to(tl.float32)[None, :]
     tl.store(y_ptr + rows[:, None] * stride_y + outs[None, :], acc.to(y_ptr.dtype.element_ty),
              mask=(rows[:, None] < M) & (outs[None, :] < N))
+
+
+@triton.jit
+def _decode_kernel(x_ptr, w_ptr, bias_ptr, a_ptr, b_ptr, y_ptr, t_ptr, M, N, K, R, stride_x, stride_w, stride_a,
+                   stride_b, stride_y, stride_t, scale, seed, p, HAS_BIAS: tl.constexpr, DROPOUT: tl.constexpr,
+                   PRECISION: tl.constexpr, UPCAST: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+                   BK: tl.constexpr, BR: tl.constexpr):
+    """Few rows (M <= BM, decoding): one launch. Each program redoes the tiny t = h A^T beside its W slice."""
+    rows = tl.arange(0, BM)
+    outs = tl.program_id(0) * BN + tl.arange(0, BN)
+    ranks = tl.arange(0, BR)
+    acc = tl.zeros((BM, BN), dtype=tl.float32)
+    t = tl.zeros((BM, BR), dtype=tl.float32)
+    for k0 in range(0, K, BK):
+        cols = k0 + tl.arange(0, BK)
+        x = tl.load(x_ptr + rows[:, None] * stride_x + cols[None, :],
+                    mask=(rows[:, None] < M) & (cols[None, :] < K), other=0.0)
+        w_t = tl.load(w_ptr + outs[None, :] * stride_w + cols[:, None],
+                      mask=(outs[None, :] < N) & (cols[:, None] < K), other=0.0)
+        acc += _dot(x, w_t, PRECISION, UPCAST)
+        if DROPOUT:
+            x = tl.where(_keep(seed, rows, cols, K, p), x, 0.0)
+        a_t = tl.load(a_ptr + ranks[None, :] * stride_a + cols[:, None],
+                      mask=(ranks[None, :] < R) & (cols[:, None] < K), other=0.0)
+        t += _dot(x, a_t, PRECISION, UPCAST)
+    t = t.to(t_ptr.dtype.element_ty)  # rounded as the two-launch path stores it
+    b_t = tl.load(b_ptr + outs[None, :] * stride_b + ranks[:, None], mask=(outs[None, :] < N) & (ranks[:, None] < R),
+                  other=0.0)
+    acc += scale * _dot(t, b_t, PRECISION, UPCAST)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + outs, mask=outs < N, other=0.0).to(tl.float32)[None, :]
+    tl.store(y_ptr + rows[:, None] * stride_y + outs[None, :], acc.to(y_ptr.dtype.element_ty),
+             mask=(rows[:, None] < M) & (outs[None, :] < N))
+    if tl.program_id(0) == 0:
+        tl.store(t_ptr + rows[:, None] * stride_t + ranks[None, :], t, mask=(rows[:, None] < M) & (ranks[None, :] < R))
 
 
 @triton.jit
@@ -173,6 +213,12 @@ def forward(x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tensor, lora
     weight, lora_A, lora_B = weight.contiguous(), lora_A.contiguous(), lora_B.contiguous()
     t = x.new_empty(M, R)
     y = x.new_empty(M, N)
+    if M <= DECODE_ROWS:
+        _decode_kernel[(triton.cdiv(N, b["BN"]),)](
+            x, weight, bias if bias is not None else x, lora_A, lora_B, y, t, M, N, K, R, x.stride(0), weight.stride(0),
+            lora_A.stride(0), lora_B.stride(0), y.stride(0), t.stride(0), scaling / (1.0 - dropout), seed32(seed),
+            dropout, HAS_BIAS=bias is not None, DROPOUT=dropout > 0, **pr, **{**b, "BM": DECODE_ROWS})
+        return y, t
     _t_kernel[(triton.cdiv(M, b["BM"]),)](x, lora_A, t, M, K, R, x.stride(0), lora_A.stride(0), t.stride(0),
                                           seed32(seed), dropout, DROPOUT=dropout > 0, **pr, BM=b["BM"],
                                           BK=b["BK"], BR=b["BR"])
