@@ -1,15 +1,22 @@
-"""One LoRA layer: frozen base nn.Linear vs peftlite.LoRALinear vs HF PEFT's LoRA, side by side.
+"""One LoRA layer: frozen base nn.Linear vs each peftlite path vs HF PEFT's LoRA, side by side.
 
-Measures forward+backward (training) per dropout, and the inference forward unmerged and merged.
-Reports medians and the median of per-round ratios against the frozen base, the FLOP floor
-ratio, and saved-activation bytes. Writes benchmarks/results/<device>.json.
+Modes: forward (training, gradients on), backward alone, forward+backward, inference forward
+(unmerged, merged) and decode (inference on 1 and 16 rows). Contenders: the frozen base,
+peftlite's ``torch`` path, its ``reference`` twin, its ``triton`` kernels (CUDA only), and PEFT.
+Reports medians, the median of per-round ratios against the frozen base and PEFT's time over
+each contender's, the FLOP floor, saved-activation bytes and (GPU) peak memory. Inputs rotate
+among several random sets so caches do not flatter small shapes. Writes
+benchmarks/results/<device>.json.
 
-    python benchmarks/bench_lora_layer.py [--m 2048 --k 1024 --n 1024 --rank 16 --threads 2]
+    python benchmarks/bench_lora_layer.py                    # CPU: M=2048, 1024 -> 1024, r=16, fp32
+    python benchmarks/bench_lora_layer.py --device cuda --m 8192 --k 4096 --n 4096 --ranks 16 64 --dtype bfloat16
 """
 
 import argparse
 import copy
+import os
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -19,15 +26,30 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
 import peftlite  # noqa: E402
+from peftlite.ops.backend import triton_available  # noqa: E402
 
 
-def make_layers(k, n, rank, dropout, dtype, device):
+class OnBackend(nn.Module):
+    """Runs ``layer`` with PEFTLITE_BACKEND set to ``backend`` (read at each call)."""
+
+    def __init__(self, layer: nn.Module, backend: str):
+        super().__init__()
+        self.layer, self.backend = layer, backend
+
+    def forward(self, x):
+        os.environ["PEFTLITE_BACKEND"] = self.backend
+        return self.layer(x)
+
+
+def make_layers(args, rank, dropout) -> dict[str, nn.Module]:
     torch.manual_seed(0)
-    base = nn.Linear(k, n).to(device, dtype).requires_grad_(False)
+    dtype = getattr(torch, args.dtype)
+    base = nn.Linear(args.k, args.n).to(args.device, dtype).requires_grad_(False)
     ours = peftlite.LoRALinear(copy.deepcopy(base), rank, alpha=2 * rank, dropout=dropout)
     with torch.no_grad():
         ours.lora_B.normal_(0, 0.02)  # trained-looking, nonzero
-    layers = {"base": base, "peftlite": ours}
+    backends = ["torch", "reference"] + (["triton"] if args.device == "cuda" and triton_available() else [])
+    layers = {"base": base, **{f"peftlite {b}": OnBackend(ours, b) for b in backends}}
     try:
         layers["peft"] = common.peft_twin(base, ours, rank, dropout)
     except ImportError:
@@ -35,20 +57,49 @@ def make_layers(k, n, rank, dropout, dtype, device):
     return layers
 
 
-def train_step(layer, x, grad):
+def inputs(args, rows, count=4, grad=True):
+    dtype = getattr(torch, args.dtype)
+    xs = [torch.randn(rows, args.k, device=args.device, dtype=dtype).requires_grad_(grad) for _ in range(count)]
+    gs = [torch.randn(rows, args.n, device=args.device, dtype=dtype) for _ in range(count)]
+    return xs, gs
+
+
+def rotating(fn, xs, gs):
+    state = {"i": 0}
+
     def step():
-        layer(x).backward(grad)
-        x.grad = None
-        for p in layer.parameters():
-            p.grad = None
+        state["i"] = (state["i"] + 1) % len(xs)
+        return fn(xs[state["i"]], gs[state["i"]])
     return step
 
 
-def infer_step(layer, x):
-    def step():
+def clear(layer, x):
+    x.grad = None
+    for p in layer.parameters():
+        p.grad = None
+
+
+def steps(layer, mode):
+    def forward(x, g):
+        layer(x)
+
+    def backward(x, g):
+        y = layer(x)
+        common.synchronize()
+        start = time.perf_counter()
+        y.backward(g)
+        common.synchronize()
+        clear(layer, x)
+        return time.perf_counter() - start
+
+    def both(x, g):
+        layer(x).backward(g)
+        clear(layer, x)
+
+    def infer(x, g):
         with torch.no_grad():
             layer(x)
-    return step
+    return {"forward": forward, "backward": backward, "forward+backward": both, "inference": infer}[mode]
 
 
 def flop_floor_ratio(m, k, n, rank) -> float:
@@ -58,59 +109,63 @@ def flop_floor_ratio(m, k, n, rank) -> float:
     return (base + lora) / base
 
 
-def check_agreement(layers, x):
-    with torch.no_grad():
-        for layer in layers.values():
-            layer.eval()
-        if "peft" in layers:
-            torch.testing.assert_close(layers["peftlite"](x), layers["peft"](x), rtol=1e-4, atol=1e-4)
-        for layer in layers.values():
-            layer.train()
+def memory(layer, x, g) -> dict:
+    out = {"saved_bytes": common.saved_activation_bytes(lambda: layer(x))}
+    if torch.cuda.is_available() and x.is_cuda:
+        clear(layer, x)
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        start = torch.cuda.memory_allocated()
+        layer(x).backward(g)
+        torch.cuda.synchronize()
+        out["peak_extra_bytes"] = torch.cuda.max_memory_allocated() - start
+        clear(layer, x)
+    return out
+
+
+def measure(layers, mode, xs, gs, args, extra) -> list[dict]:
+    for layer in layers.values():
+        layer.train(mode != "inference")
+    timed = {name: rotating(steps(layer, mode), xs, gs) for name, layer in layers.items()}
+    summary = common.summarize(common.interleaved(timed, args.rounds, args.warmup, args.inner), "base", "peft")
+    return [{"mode": mode, "contender": name, **extra, **stats} for name, stats in summary.items()]
 
 
 def run(args) -> list[dict]:
     rows = []
-    dtype, device = getattr(torch, args.dtype), args.device
-    x = torch.randn(args.m, args.k, device=device, dtype=dtype)
-    grad = torch.randn(args.m, args.n, device=device, dtype=dtype)
-    shape = {"m": args.m, "k": args.k, "n": args.n, "rank": args.rank, "dtype": args.dtype}
-    for dropout in args.dropouts:
-        layers = make_layers(args.k, args.n, args.rank, dropout, dtype, device)
-        check_agreement(layers, x)
-        xg = x.clone().requires_grad_(True)
-        steps = {name: train_step(layer, xg, grad) for name, layer in layers.items()}
-        summary = common.summarize(common.interleaved(steps, args.rounds, args.warmup), "base", "peft")
-        saved = {name: common.saved_activation_bytes(lambda m=layer: m(xg)) for name, layer in layers.items()}
-        for name, stats in summary.items():
-            rows.append({"mode": "forward+backward", "contender": name, "dropout": dropout, **shape, **stats,
-                         "saved_bytes": saved[name], "flop_floor_ratio": flop_floor_ratio(args.m, args.k, args.n,
-                                                                                           args.rank)})
-    layers = make_layers(args.k, args.n, args.rank, 0.0, dtype, device)
-    for layer in layers.values():
-        layer.eval()
-    merged = {f"{name} merged": copy.deepcopy(layer) for name, layer in layers.items() if name != "base"}
-    peftlite.merge(merged["peftlite merged"])
-    if "peft merged" in merged:
-        merged["peft merged"].merge()
-    steps = {name: infer_step(layer, x) for name, layer in {**layers, **merged}.items()}
-    summary = common.summarize(common.interleaved(steps, args.rounds, args.warmup), "base")
-    for name, stats in summary.items():
-        rows.append({"mode": "inference", "contender": name, "dropout": 0.0, **shape, **stats})
+    xs, gs = inputs(args, args.m)
+    for rank in args.ranks:
+        for dropout in args.dropouts:
+            shape = {"m": args.m, "k": args.k, "n": args.n, "rank": rank, "dtype": args.dtype, "dropout": dropout,
+                     "flop_floor_ratio": flop_floor_ratio(args.m, args.k, args.n, rank)}
+            layers = make_layers(args, rank, dropout)
+            for mode in ("forward", "backward", "forward+backward"):
+                found = measure(layers, mode, xs, gs, args, shape)
+                if mode == "forward+backward":
+                    for row in found:
+                        row.update(memory(layers[row["contender"]], xs[0], gs[0]))
+                rows += found
+        layers = make_layers(args, rank, 0.0)
+        merged = {f"{name} merged": copy.deepcopy(layers[name])
+                  for name in ("peftlite torch", "peft") if name in layers}
+        peftlite.merge(merged["peftlite torch merged"].layer)
+        if "peft merged" in merged:
+            merged["peft merged"].merge()
+        for m in [args.m, *args.decode]:
+            dx, dg = (xs, gs) if m == args.m else inputs(args, m, grad=False)
+            extra = {"m": m, "k": args.k, "n": args.n, "rank": rank, "dtype": args.dtype, "dropout": 0.0}
+            rows += measure({**layers, **merged}, "inference", dx, dg, args, extra)
     return rows
 
 
 def print_table(rows):
-    print(f"{'mode':<17} {'contender':<16} {'dropout':>7} {'median ms':>10} {'x base':>7} {'saved MiB':>10}")
+    print(f"{'mode':<17} {'contender':<22} {'m':>5} {'r':>3} {'drop':>4} {'median ms':>10} {'x base':>7} "
+          f"{'PEFT/this':>9} {'saved MiB':>9}")
     for r in rows:
-        saved = f"{r['saved_bytes'] / 2**20:10.1f}" if "saved_bytes" in r else " " * 10
-        print(f"{r['mode']:<17} {r['contender']:<16} {r['dropout']:>7.2f} {r['median_ms']:>10.2f} "
-              f"{r['ratio_vs_base']:>7.3f} {saved}")
-    for dropout in sorted({r["dropout"] for r in rows if r["mode"] == "forward+backward"}):
-        by = {r["contender"]: r for r in rows if r["mode"] == "forward+backward" and r["dropout"] == dropout}
-        if "peft" in by:
-            print(f"forward+backward, dropout {dropout}: peftlite is "
-                  f"{by['peftlite']['peft_time_over_this']:.2f}x faster than PEFT (median per-round ratio) "
-                  f"(FLOP floor {by['peftlite']['flop_floor_ratio']:.3f}x base)")
+        saved = f"{r['saved_bytes'] / 2**20:9.1f}" if "saved_bytes" in r else " " * 9
+        rival = f"{r['peft_time_over_this']:9.3f}" if "peft_time_over_this" in r else " " * 9
+        print(f"{r['mode']:<17} {r['contender']:<22} {r['m']:>5} {r['rank']:>3} {r['dropout']:>4.2f} "
+              f"{r['median_ms']:>10.3f} {r['ratio_vs_base']:>7.3f} {rival} {saved}")
 
 
 def main():
@@ -118,16 +173,19 @@ def main():
     parser.add_argument("--m", type=int, default=2048)
     parser.add_argument("--k", type=int, default=1024)
     parser.add_argument("--n", type=int, default=1024)
-    parser.add_argument("--rank", type=int, default=16)
+    parser.add_argument("--ranks", type=int, nargs="+", default=[16])
     parser.add_argument("--dropouts", type=float, nargs="+", default=[0.0, 0.1])
+    parser.add_argument("--decode", type=int, nargs="*", default=[1, 16])
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=30)
     parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--inner", type=int, default=1)
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     common.run_and_report(args, run, print_table, args.device, "lora_layer")
+
 
 if __name__ == "__main__":
     main()

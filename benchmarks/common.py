@@ -38,18 +38,31 @@ def metadata(**extra) -> dict:
             "date": datetime.date.today().isoformat(), **extra}
 
 
+def synchronize() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
 def interleaved(contenders: dict, rounds: int, warmup: int, inner: int = 1) -> dict[str, list[float]]:
-    """Seconds per call for each contender, timed A B C A B C ... so drift hits all alike."""
+    """Seconds per call for each contender, timed A B C A B C ... so drift hits all alike.
+
+    A contender that returns a number has timed itself (e.g. only its backward): that is used.
+    The GPU is synchronized around each timed stretch.
+    """
     for _ in range(warmup):
         for fn in contenders.values():
             fn()
     times = {name: [] for name in contenders}
     for _ in range(rounds):
         for name, fn in contenders.items():
-            start = time.perf_counter()
+            synchronize()
+            start, own = time.perf_counter(), 0.0
             for _ in range(inner):
-                fn()
-            times[name].append((time.perf_counter() - start) / inner)
+                result = fn()
+                own += result if isinstance(result, float) else 0.0
+            synchronize()
+            elapsed = own if own else time.perf_counter() - start
+            times[name].append(elapsed / inner)
     return times
 
 

@@ -122,10 +122,21 @@ def triton_backward(grad: Tensor, x: Tensor | None, weight: Tensor | None, lora_
 triton_lora_forward, triton_lora_backward = define_ops("lora_triton", triton_forward, triton_backward)
 
 
+IMPLEMENTATIONS = {lora_forward: torch_forward, triton_lora_forward: triton_forward}
+
+
 def lora_linear(x, weight, bias, lora_A, lora_B, scaling: float, dropout: float = 0.0, op=None):
-    """``x [..., K] -> [..., N]`` through ``op`` (``peftlite::lora_forward`` by default); draws the dropout seed."""
+    """``x [..., K] -> [..., N]`` through ``op`` (``peftlite::lora_forward`` by default); draws the dropout seed.
+
+    Eager calls that need no gradient (inference, decoding) skip the custom-op and autograd
+    wrappers, whose per-call cost (~10-35 us on CPU) would dominate small inputs.
+    """
+    op = op or lora_forward
+    if not torch.compiler.is_compiling() and not (torch.is_grad_enabled() and any(
+            t is not None and t.requires_grad for t in (x, weight, bias, lora_A, lora_B))):
+        op = IMPLEMENTATIONS[op]
     x2 = x.reshape(-1, x.shape[-1])
     if not x2.is_contiguous():
         x2 = x2.contiguous()
-    y, _ = (op or lora_forward)(x2, weight, bias, lora_A, lora_B, float(scaling), float(dropout), draw_seed(dropout))
+    y, _ = op(x2, weight, bias, lora_A, lora_B, float(scaling), float(dropout), draw_seed(dropout))
     return y.view(*x.shape[:-1], weight.shape[0])
