@@ -32,7 +32,7 @@ def build_base(args):
     config = LlamaConfig(vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.hidden * 8 // 3,
                          num_hidden_layers=args.layers, num_attention_heads=args.heads,
                          num_key_value_heads=args.heads // 2, max_position_embeddings=args.seq + 64)
-    return LlamaForCausalLM(config).to(args.device).requires_grad_(False)
+    return LlamaForCausalLM(config).to(args.device, getattr(torch, args.dtype)).requires_grad_(False)
 
 
 def contenders(base, args) -> dict:
@@ -68,6 +68,18 @@ def train_step(model, embeds, labels):
     return step
 
 
+def peak_bytes(step) -> int | None:
+    """Peak GPU memory above the starting point during one step (None on CPU)."""
+    if not torch.cuda.is_available():
+        return None
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    start = torch.cuda.memory_allocated()
+    step()
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() - start
+
+
 def infer_step(model, embeds):
     def step():
         with torch.no_grad():
@@ -83,11 +95,12 @@ def run(args) -> list[dict]:
     embeds = base.get_input_embeddings()(ids).detach().requires_grad_(True)
     shape = {"batch": args.batch, "seq": args.seq, "hidden": args.hidden, "layers": args.layers,
              "heads": args.heads, "kv_heads": args.heads // 2, "rank": args.rank, "prefix_len": args.prefix,
-             "dtype": "float32"}
+             "dtype": args.dtype}
     for model in models.values():
         model.train()
     steps = {name: train_step(model, embeds, ids) for name, model in models.items()}
     train = common.interleaved(steps, args.rounds, args.warmup)
+    peak = {name: peak_bytes(step) for name, step in steps.items()}
     saved = {name: common.saved_activation_bytes(lambda m=model: m(inputs_embeds=embeds, labels=ids).loss)
              for name, model in models.items()}
     for model in models.values():
@@ -102,6 +115,8 @@ def run(args) -> list[dict]:
                    "trainable": sum(p.numel() for p in models[name].parameters() if p.requires_grad)}
             if mode == "train step":
                 row["saved_bytes"] = saved[name]
+                if peak[name] is not None:
+                    row["peak_bytes"] = peak[name]
             rival = RIVALS.get(name)
             if rival in times:
                 row["peft_time_over_this"] = common.summarize({name: times[name], rival: times[rival]}, name,
@@ -131,6 +146,7 @@ def main():
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--prefix", type=int, default=16)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="float32")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=3)

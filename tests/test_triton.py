@@ -99,3 +99,19 @@ def test_lora_linear_under_triton_backend_with_odd_inputs(monkeypatch):
     out = layer(x)
     monkeypatch.setenv("PEFTLITE_BACKEND", "torch")
     torch.testing.assert_close(out, layer(x), rtol=TOLERANCE[torch.float32] * 10, atol=1e-5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="large shapes run on a GPU only (the interpreter is slow)")
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_large_shapes_on_gpu(dtype):
+    x, weight, bias, a, b = tensors(1031, 4096, 4095, 16, dtype)
+    for t in (x, a, b):
+        t.requires_grad_(True)
+    seed = draw_seed(0.1)
+    y, _ = triton_lora_forward(x, weight, bias, a, b, 2.0, 0.1, seed)
+    grad = torch.randn(1031, 4095, generator=torch.Generator().manual_seed(1)).to(DEVICE, dtype)
+    y.backward(grad)
+    keep = triton_lora.keep_mask(1031, 4096, 0.1, seed, DEVICE).double() / 0.9
+    expected, magnitude = references(x, weight, bias, a, b, 2.0, grad, keep)
+    for got, want, mag in zip((y, x.grad, a.grad, b.grad), expected, magnitude):
+        assert_within_rounding(got, want, 4 * mag, dtype)
