@@ -14,8 +14,12 @@ def grads(model):
 
 
 @pytest.mark.parametrize("dropout", [0.0, 0.2])
-def test_compiled_model_matches_eager_forward_and_backward(dropout, monkeypatch):
-    monkeypatch.setattr(torch._inductor.config, "fallback_random", True)  # compiled RNG draws as eager's
+def test_compiled_model_matches_eager_forward_and_backward(dropout):
+    with torch._inductor.config.patch(fallback_random=True):  # compiled RNG draws as eager's
+        check_compiled_matches_eager(dropout)
+
+
+def check_compiled_matches_eager(dropout):
     torch.manual_seed(0)
     model = peftlite.inject(TinyMLP(), rank=3, dropout=dropout)
     randomize_lora(model)
