@@ -19,7 +19,8 @@ def tensors(m, k, n, r, dtype, seed=0):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("m, k, n, r", [(1, 1, 1, 1), (13, 7, 5, 3), (33, 65, 17, 16), (4, 3, 9, 64)])
+@pytest.mark.parametrize("m, k, n, r", [(1, 1, 1, 1), (13, 7, 5, 3), (33, 65, 17, 16), (4, 3, 9, 64),
+                                        (41, 9, 20, 4)])  # the last folds the weight in fp32 (CPU)
 @pytest.mark.parametrize("p", [0.0, 0.25])
 def test_forward_backward_match_reference(dtype, m, k, n, r, p):
     x, weight, bias, a, b = tensors(m, k, n, r, dtype)
@@ -103,3 +104,13 @@ def test_custom_ops_pass_torch_library_opcheck(p):
     grad, t = torch.randn(7, 6), torch.randn(7, 3)
     torch.library.opcheck(backward_op, (grad, x, weight, a, b, t, 1.5, p, seed, True, True, True),
                           test_utils=("test_schema", "test_faketensor"))
+
+
+def test_folded_weight_rule():
+    from peftlite.ops.autograd import folded_weight_pays
+
+    x32, x16 = torch.empty(1, dtype=torch.float32), torch.empty(1, dtype=torch.bfloat16)
+    assert folded_weight_pays(41, 20, 9, x32, 0.0)
+    assert not folded_weight_pays(41, 20, 9, x32, 0.1)  # dropout: h != x
+    assert not folded_weight_pays(41, 20, 9, x16, 0.0)  # a 16-bit W' would round the update away
+    assert not folded_weight_pays(39, 20, 9, x32, 0.0)
