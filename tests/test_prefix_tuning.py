@@ -332,3 +332,20 @@ def test_generate_with_kv_cache_matches_uncached_greedy_decoding():
         token = model(input_ids=sequence).logits[:, -1].argmax(-1, keepdim=True)
         sequence = torch.cat([sequence, token], 1)
     assert torch.equal(cached, sequence)
+
+
+def test_deepcopy_gets_its_own_prefix_and_adapters():
+    import copy
+
+    model = tiny_llama()
+    peftlite.inject(model, method="adapter", targets=["o_proj"], bottleneck=4)
+    peftlite.inject(model, method="prefix", prefix_len=3)
+    ids = torch.randint(0, 64, (1, 5))
+    twin = copy.deepcopy(model)
+    with torch.no_grad():
+        torch.testing.assert_close(twin(input_ids=ids).logits, model(input_ids=ids).logits, rtol=0, atol=0)
+        expected = model(input_ids=ids).logits
+        twin.prefix_encoder.prefix.zero_()
+        twin.model.layers[0].self_attn.o_proj.adapter.up.weight.fill_(1.0)
+        assert not torch.allclose(twin(input_ids=ids).logits, expected)
+        torch.testing.assert_close(model(input_ids=ids).logits, expected, rtol=0, atol=0)  # the original is its own
