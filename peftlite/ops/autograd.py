@@ -15,6 +15,8 @@ Saved for backward: x (when A needs a gradient), t = h A^T [M, r] (when B does),
 x needs a gradient) and the seed. See ``reference.py`` for the math.
 """
 
+from typing import Optional  # not `X | None`: torch.library reads these annotations as op schemas (torch >= 2.4)
+
 import torch
 from torch import Tensor
 
@@ -38,7 +40,7 @@ def folded_weight_pays(rows: int, n: int, k: int, x: Tensor, dropout: float) -> 
             and rows >= 2 * max(n, k))
 
 
-def torch_forward(x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tensor, lora_B: Tensor, scaling: float,
+def torch_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tensor, lora_B: Tensor, scaling: float,
                   dropout: float, seed: Tensor) -> tuple[Tensor, Tensor]:
     """``(y, t)``: ``y = x W^T + b + s' t B^T`` [M, N] and ``t = h A^T`` [M, r], ``h`` = x with drops zeroed.
 
@@ -58,8 +60,8 @@ def torch_forward(x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tensor
     return y, t
 
 
-def torch_backward(grad: Tensor, x: Tensor | None, weight: Tensor | None, lora_A: Tensor, lora_B: Tensor,
-                  t: Tensor | None, scaling: float, dropout: float, seed: Tensor, need_x: bool, need_a: bool,
+def torch_backward(grad: Tensor, x: Optional[Tensor], weight: Optional[Tensor], lora_A: Tensor, lora_B: Tensor,
+                  t: Optional[Tensor], scaling: float, dropout: float, seed: Tensor, need_x: bool, need_a: bool,
                   need_b: bool) -> tuple[Tensor, Tensor, Tensor]:
     """``(dx, dA, dB)``; an output nobody needs is an empty tensor."""
     s = scaling / (1.0 - dropout)
@@ -127,15 +129,15 @@ def define_ops(name: str, forward_impl, backward_impl):
 lora_forward, lora_backward = define_ops("lora", torch_forward, torch_backward)
 
 
-def triton_forward(x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tensor, lora_B: Tensor, scaling: float,
+def triton_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tensor, lora_B: Tensor, scaling: float,
                    dropout: float, seed: Tensor) -> tuple[Tensor, Tensor]:
     from . import triton_lora  # imported on first use: triton is optional, and TRITON_INTERPRET is read at import
 
     return triton_lora.forward(x, weight, bias, lora_A, lora_B, scaling, dropout, seed)
 
 
-def triton_backward(grad: Tensor, x: Tensor | None, weight: Tensor | None, lora_A: Tensor, lora_B: Tensor,
-                    t: Tensor | None, scaling: float, dropout: float, seed: Tensor, need_x: bool, need_a: bool,
+def triton_backward(grad: Tensor, x: Optional[Tensor], weight: Optional[Tensor], lora_A: Tensor, lora_B: Tensor,
+                    t: Optional[Tensor], scaling: float, dropout: float, seed: Tensor, need_x: bool, need_a: bool,
                     need_b: bool) -> tuple[Tensor, Tensor, Tensor]:
     from . import triton_lora
 

@@ -21,6 +21,8 @@ inputs bf16, fp16 or fp32 (fp32 products in IEEE precision, not TF32). The rank 
 power of two >= 16 for ``tl.dot``. Block sizes are fixed per dtype (not autotuned).
 """
 
+from typing import Optional  # not `X | None`: these signatures become op schemas (torch >= 2.4)
+
 import torch
 import triton
 import triton.language as tl
@@ -204,7 +206,7 @@ def check_size(rows: int, cols: int) -> None:
                          "large. Use PEFTLITE_BACKEND=torch for this layer.")
 
 
-def forward(x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tensor, lora_B: Tensor, scaling: float,
+def forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tensor, lora_B: Tensor, scaling: float,
             dropout: float, seed: Tensor) -> tuple[Tensor, Tensor]:
     """``(y, t)`` as ``autograd.lora_forward`` computes them; x [M, K] contiguous."""
     (M, K), N, R = x.shape, weight.shape[0], lora_A.shape[0]
@@ -229,8 +231,8 @@ def forward(x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tensor, lora
     return y, t
 
 
-def backward(grad: Tensor, x: Tensor | None, weight: Tensor | None, lora_A: Tensor, lora_B: Tensor,
-             t: Tensor | None, scaling: float, dropout: float, seed: Tensor, need_x: bool, need_a: bool,
+def backward(grad: Tensor, x: Optional[Tensor], weight: Optional[Tensor], lora_A: Tensor, lora_B: Tensor,
+             t: Optional[Tensor], scaling: float, dropout: float, seed: Tensor, need_x: bool, need_a: bool,
              need_b: bool) -> tuple[Tensor, Tensor, Tensor]:
     """``(dx, dA, dB)`` as ``autograd.lora_backward`` returns them (empty where not needed)."""
     s = scaling / (1.0 - dropout)
