@@ -152,26 +152,42 @@ class SdpaPrefix(TorchFunctionMode):
         return sdpa_with_prefix(self.prefix, *args, **kwargs)
 
 
-class SdpaHook:
-    """Forward pre-hook + always-called forward hook that run one attention module under :class:`SdpaPrefix`."""
+class PrefixState:
+    """One forward's prefix and how many times it was applied (the registry path's :class:`SdpaPrefix`)."""
 
-    def __init__(self, encoder: nn.Module, layer: int, name: str):
-        self.encoder, self.layer, self.name = encoder, layer, name
-        self.active: list[SdpaPrefix] = []
+    def __init__(self, prefix: torch.Tensor):
+        self.prefix, self.calls = prefix, 0
+
+
+class SdpaHook:
+    """Forward pre-hook + always-called forward hook around one SDPA-based attention module.
+
+    ``before`` derives the layer's prefix; with ``intercept`` it also enters :class:`SdpaPrefix`, which
+    extends the module's SDPA call. Without, a Hugging Face attention function registered by
+    ``hf_attention`` reads the prefix from ``active`` and extends the call itself. ``after`` checks the
+    prefix was applied exactly once.
+    """
+
+    def __init__(self, encoder: nn.Module, layer: int, name: str, intercept: bool = True):
+        self.encoder, self.layer, self.name, self.intercept = encoder, layer, name, intercept
+        self.active: list = []  # SdpaPrefix or PrefixState per forward in progress
 
     def before(self, module, args):
-        mode = SdpaPrefix(self.encoder(self.layer))
-        mode.__enter__()
-        self.active.append(mode)
+        prefix = self.encoder(self.layer)
+        state = SdpaPrefix(prefix) if self.intercept else PrefixState(prefix)
+        if self.intercept:
+            state.__enter__()
+        self.active.append(state)
 
     def after(self, module, args, output):
-        mode = self.active.pop()
-        mode.__exit__(None, None, None)
-        if output is not None and mode.calls != 1:  # None: the forward raised; let that error through
+        state = self.active.pop()
+        if self.intercept:
+            state.__exit__(None, None, None)
+        if output is not None and state.calls != 1:  # None: the forward raised; let that error through
             raise PeftliteError(
-                f"attention module '{self.name}' called scaled_dot_product_attention {mode.calls} times in one "
+                f"attention module '{self.name}' ran scaled-dot-product attention {state.calls} times in one "
                 "forward, so its prefix was not applied exactly once. Hugging Face models: load them with "
-                "attn_implementation='sdpa'. Custom modules: follow peftlite.attention.PrefixAttention.")
+                "attn_implementation='sdpa' (and keep it). Custom modules: follow peftlite.attention.PrefixAttention.")
 
 
 class MultiheadPrefixHook:
@@ -236,11 +252,32 @@ def prepend_inputs(inputs: torch.Tensor, prefix: torch.Tensor, batched: bool, ba
     return torch.cat([prefix.unsqueeze(1).expand(-1, inputs.shape[1], -1), inputs], dim=0)  # (P + S, B, E)
 
 
-def attach(module: nn.Module, encoder: nn.Module, layer: int, name: str) -> list:
-    """Hook ``module`` up to layer ``layer`` of ``encoder``; return the hook handles."""
+HOOK = "_peftlite_prefix_hook"  # where a Hugging Face attention module keeps its SdpaHook (not module state)
+
+
+class Detach:
+    """A handle whose ``remove()`` takes the SdpaHook reference off the module again."""
+
+    def __init__(self, module: nn.Module):
+        self.module = module
+
+    def remove(self) -> None:
+        self.module.__dict__.pop(HOOK, None)
+
+
+def attach(module: nn.Module, encoder: nn.Module, layer: int, name: str, intercept: bool = True) -> list:
+    """Hook ``module`` up to layer ``layer`` of ``encoder``; return the hook handles.
+
+    ``intercept=False``: the module's attention runs through ``hf_attention.prefix_attention``,
+    which finds the hook at ``module.<HOOK>``; no torch-function interception.
+    """
     if isinstance(module, nn.MultiheadAttention):
         hook = MultiheadPrefixHook(encoder, layer, name)
         return [module.register_forward_pre_hook(hook, with_kwargs=True)]
-    hook = SdpaHook(encoder, layer, name)
-    return [module.register_forward_pre_hook(hook.before),
-            module.register_forward_hook(hook.after, always_call=True)]
+    hook = SdpaHook(encoder, layer, name, intercept)
+    handles = [module.register_forward_pre_hook(hook.before),
+               module.register_forward_hook(hook.after, always_call=True)]
+    if not intercept:
+        module.__dict__[HOOK] = hook
+        handles.append(Detach(module))
+    return handles

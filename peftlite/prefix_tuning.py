@@ -12,7 +12,7 @@ import inspect
 import torch
 from torch import nn
 
-from . import attention
+from . import attention, hf_attention
 from .errors import PeftliteError
 from .prefix import PrefixEncoder, check_prefix_options
 
@@ -57,9 +57,11 @@ def install_prefix(model: nn.Module, names: list[str], shape: tuple[int, int], p
     dtype = torch.float64 if reference is not None and reference.dtype == torch.float64 else torch.float32
     device = reference.device if reference is not None else None
     encoder = PrefixEncoder(len(modules), *shape, prefix_len, projection_dim).to(device=device, dtype=dtype)
-    handles = []
+    switched = hf_attention.switch(model)  # Hugging Face on SDPA: extend attention via its registry
+    handles = list(switched)
     for layer, (name, module) in enumerate(modules):
-        handles += attention.attach(module, encoder, layer, name)
+        registry = bool(switched) and hasattr(module, "config") and not isinstance(module, nn.MultiheadAttention)
+        handles += attention.attach(module, encoder, layer, name, intercept=not registry)
     handles += position_shift(model, prefix_len)
     handles += bypass_check(model, [m for _, m in modules])
     encoder.__dict__["handles"] = handles
@@ -92,7 +94,7 @@ class PositionShift:
         self.prefix_len = prefix_len
 
     def __call__(self, module, args, kwargs):
-        call = attention.forward_signature(type(module)).bind(*args, **kwargs).arguments
+        call = kwargs if not args else attention.forward_signature(type(module)).bind(*args, **kwargs).arguments
         positions = call.get("position_ids")
         if positions is None:
             tokens = call.get("input_ids")

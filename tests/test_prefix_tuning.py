@@ -163,7 +163,7 @@ def test_detector_raises_when_attention_bypasses_sdpa():
 
     model = Tiny(Manual)
     peftlite.inject(model, method="prefix", prefix_len=2)
-    with pytest.raises(PeftliteError, match="called scaled_dot_product_attention 0 times"):
+    with pytest.raises(PeftliteError, match="ran scaled-dot-product attention 0 times"):
         model(torch.randn(1, 3, 24))
     eager = tiny_llama(attn_implementation="eager")
     peftlite.inject(eager, method="prefix", prefix_len=2)
@@ -171,6 +171,25 @@ def test_detector_raises_when_attention_bypasses_sdpa():
         eager(input_ids=torch.randint(0, 64, (1, 4)))
     # the detector left nothing active: an error did not strand the interception mode
     assert torch.equal(F.scaled_dot_product_attention(*(torch.ones(1, 1, 2, 2),) * 3), torch.ones(1, 1, 2, 2))
+
+
+def test_hugging_face_models_run_the_registered_attention_and_get_it_back():
+    from peftlite.hf_attention import NAME
+
+    model = tiny_llama()
+    ids = torch.randint(0, 64, (1, 5))
+    base = model(input_ids=ids).logits
+    peftlite.inject(model, method="prefix", prefix_len=2)
+    assert model.config._attn_implementation == NAME
+    assert model(input_ids=ids).logits.shape == base.shape
+    model.set_attn_implementation("eager")  # switched behind peftlite's back: the prefix would be skipped
+    with pytest.raises(PeftliteError, match="ran scaled-dot-product attention 0 times"):
+        model(input_ids=ids)
+    model.set_attn_implementation(NAME)
+    peftlite.unload(model)
+    assert model.config._attn_implementation == "sdpa"
+    assert not any("_peftlite_prefix_hook" in m.__dict__ for m in model.modules())
+    torch.testing.assert_close(model(input_ids=ids).logits, base, rtol=0, atol=0)
 
 
 def test_llama_prefix_is_causal_and_seen_by_every_query():
