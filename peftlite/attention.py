@@ -11,9 +11,11 @@ and class are untouched; :func:`peftlite.unload` removes the hooks):
    ``attn_implementation="sdpa"`` (the default), and
 3. any module that follows the :class:`PrefixAttention` protocol.
 
-For 2 and 3, while the module runs, its one call to ``F.scaled_dot_product_attention`` gets
-the prefix keys/values prepended (after rotary embeddings, before the score) and a mask in
-which every query sees every prefix position. ``is_causal=True`` becomes an explicit causal
+For 3 (and Hugging Face models whose transformers has no attention registry), while the
+module runs, its one call to ``F.scaled_dot_product_attention`` gets the prefix keys/values
+prepended (after rotary embeddings, before the score) and a mask in which every query sees
+every prefix position. Hugging Face models on SDPA get the same through their attention
+registry instead (``hf_attention.py``), which touches no other call. ``is_causal=True`` becomes an explicit causal
 mask aligned bottom-right, so real tokens stay causal among themselves (SDPA's own flag
 aligns top-left when key and query lengths differ, which would be wrong here). A forward
 that never calls SDPA, or calls it twice, raises :class:`PeftliteError` instead of silently
