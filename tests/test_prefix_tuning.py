@@ -368,3 +368,21 @@ def test_deepcopy_gets_its_own_prefix_and_adapters():
         twin.model.layers[0].self_attn.o_proj.adapter.up.weight.fill_(1.0)
         assert not torch.allclose(twin(input_ids=ids).logits, expected)
         torch.testing.assert_close(model(input_ids=ids).logits, expected, rtol=0, atol=0)  # the original is its own
+
+
+def test_interception_path_matches_the_registry_path_on_llama(monkeypatch):
+    """Transformers without an attention registry fall back to intercepting the SDPA call: same logits."""
+    from peftlite import hf_attention
+
+    ids = torch.randint(0, 64, (2, 7))
+    mask = torch.tensor([[1] * 7, [1] * 5 + [0] * 2])
+    registry = tiny_llama()
+    peftlite.inject(registry, method="prefix", prefix_len=3)
+    monkeypatch.setattr(hf_attention, "switch", lambda model: [])
+    intercepted = tiny_llama()
+    peftlite.inject(intercepted, method="prefix", prefix_len=3)
+    assert intercepted.config._attn_implementation == "sdpa"
+    intercepted.prefix_encoder.load_state_dict(registry.prefix_encoder.state_dict())
+    for kwargs in ({}, {"attention_mask": mask}):
+        expected = registry(input_ids=ids, **kwargs).logits
+        torch.testing.assert_close(intercepted(input_ids=ids, **kwargs).logits, expected, rtol=1e-6, atol=1e-6)
