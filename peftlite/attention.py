@@ -15,11 +15,11 @@ For 3 (and Hugging Face models whose transformers has no attention registry), wh
 module runs, its one call to ``F.scaled_dot_product_attention`` gets the prefix keys/values
 prepended (after rotary embeddings, before the score) and a mask in which every query sees
 every prefix position. Hugging Face models on SDPA get the same through their attention
-registry instead (``hf_attention.py``), which touches no other call. ``is_causal=True`` becomes an explicit causal
-mask aligned bottom-right, so real tokens stay causal among themselves (SDPA's own flag
-aligns top-left when key and query lengths differ, which would be wrong here). A forward
-that never calls SDPA, or calls it twice, raises :class:`PeftliteError` instead of silently
-returning the base output.
+registry instead (``hf_attention.py``), which touches no other call. ``is_causal=True``
+becomes an explicit causal mask aligned bottom-right, so real tokens stay causal among
+themselves (SDPA's own flag aligns top-left when key and query lengths differ, which would be
+wrong here). A forward in which the prefixed attention ran zero times or twice raises
+:class:`PeftliteError` instead of silently returning the base output.
 """
 
 import functools
