@@ -7,6 +7,8 @@ TRITON_INTERPRET=1), which is slow: shapes stay small, partial tiles and odd siz
 import itertools
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 import torch
 
 import peftlite
@@ -113,5 +115,22 @@ def test_large_shapes_on_gpu(dtype):
     y.backward(grad)
     keep = triton_lora.keep_mask(1031, 4096, 0.1, seed, DEVICE).double() / 0.9
     expected, magnitude = references(x, weight, bias, a, b, 2.0, grad, keep)
+    for got, want, mag in zip((y, x.grad, a.grad, b.grad), expected, magnitude):
+        assert_within_rounding(got, want, 4 * mag, dtype)
+
+
+@settings(max_examples=12, deadline=None)
+@given(m=st.integers(1, 40), k=st.integers(1, 24), n=st.integers(1, 24), r=st.integers(1, 20),
+       dtype=st.sampled_from(DTYPES), p=st.sampled_from([0.0, 0.2]), scaling=st.floats(0.25, 4.0))
+def test_shape_space(m, k, n, r, dtype, p, scaling):
+    x, weight, bias, a, b = tensors(m, k, n, r, dtype, seed=m * 131 + k * 17 + n)
+    for t in (x, a, b):
+        t.requires_grad_(True)
+    seed = draw_seed(p)
+    y, _ = triton_lora_forward(x, weight, bias, a, b, scaling, p, seed)
+    grad = torch.randn(m, n, generator=torch.Generator().manual_seed(2)).to(DEVICE, dtype)
+    y.backward(grad)
+    keep = triton_lora.keep_mask(m, k, p, seed, DEVICE).double() / (1 - p) if p else None
+    expected, magnitude = references(x, weight, bias, a, b, scaling, grad, keep)
     for got, want, mag in zip((y, x.grad, a.grad, b.grad), expected, magnitude):
         assert_within_rounding(got, want, 4 * mag, dtype)
