@@ -59,12 +59,8 @@ def inject_lora(model: nn.Module, rank: int = 8, *, alpha=None, targets=None, ex
                 rslora: bool = False, init: str = "default") -> None:
     check_lora_options(rank, alpha, dropout, init)
     names = find_targets(model, targets, exclude)
-    new = {}
-    for name in names:
-        base = model.get_submodule(name)
-        if id(base) not in new:  # a module reachable under several names gets one wrapper
-            new[id(base)] = LoRALinear(base, rank, alpha=alpha, dropout=dropout, rslora=rslora, init=init)
-    replace(model, {name: new[id(model.get_submodule(name))] for name in names})
+    wrap_each(model, names, lambda base: LoRALinear(base, rank, alpha=alpha, dropout=dropout, rslora=rslora,
+                                                    init=init))
 
 
 def inject_adapters(model: nn.Module, *, targets=None, exclude=None, dim=None, bottleneck=None,
@@ -90,12 +86,7 @@ def inject_adapters(model: nn.Module, *, targets=None, exclude=None, dim=None, b
             adapter_sizes(module, dim, bottleneck, reduction_factor, mode)
         except PeftliteError as err:
             raise PeftliteError(f"module '{name}': {err}") from None
-    new = {}
-    for name in names:
-        base = model.get_submodule(name)
-        if id(base) not in new:
-            new[id(base)] = Adapter(base, **options)
-    replace(model, {name: new[id(model.get_submodule(name))] for name in names})
+    wrap_each(model, names, lambda base: Adapter(base, **options))
 
 
 def inject_prefix(model: nn.Module, *, targets=None, exclude=None, prefix_len: int = 10,
@@ -107,6 +98,16 @@ def inject_prefix(model: nn.Module, *, targets=None, exclude=None, prefix_len: i
                             + no_target_message(targets, exclude, modules))
     shape = prefix_tuning.plan_prefix(model, names, prefix_len, projection_dim)
     prefix_tuning.install_prefix(model, names, shape, prefix_len, projection_dim)
+
+
+def wrap_each(model: nn.Module, names: list[str], wrap) -> None:
+    """Replace each named module by ``wrap(module)``; a module reachable under several names gets one wrapper."""
+    new = {}
+    for name in names:
+        base = model.get_submodule(name)
+        if id(base) not in new:
+            new[id(base)] = wrap(base)
+    replace(model, {name: new[id(model.get_submodule(name))] for name in names})
 
 
 def replace(model: nn.Module, modules: dict[str, nn.Module]) -> None:
