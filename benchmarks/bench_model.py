@@ -145,12 +145,7 @@ def main():
     parser.add_argument("--seq", type=int, default=256)
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--prefix", type=int, default=16)
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--dtype", default="float32")
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--rounds", type=int, default=20)
-    parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--out", type=Path, default=None)
+    common.add_run_options(parser, rounds=20, warmup=3)
     args = parser.parse_args()
     common.run_and_report(args, run, print_table, "model", "model")
 

@@ -105,6 +105,16 @@ def write_results(name: str, meta: dict, rows: list, out: Path | None = None) ->
     return path
 
 
+def add_run_options(parser, rounds: int, warmup: int) -> None:
+    """The options every timed benchmark takes: dtype, device, threads, rounds, warm-up rounds, output path."""
+    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=rounds)
+    parser.add_argument("--warmup", type=int, default=warmup)
+    parser.add_argument("--out", type=Path, default=None)
+
+
 def run_and_report(args, run, print_table, name: str, benchmark: str) -> None:
     """Fix and print the thread count, run, print the table, write the JSON."""
     torch.set_num_threads(args.threads)
