@@ -1,13 +1,25 @@
-"""The peftlite::lora_forward custom op (lora_linear) against ops.reference: forward, backward, needs_input_grad."""
+"""The torch path (custom op and its eager autograd.Function twin) against ops.reference: forward, backward,
+needs_input_grad."""
 
 import itertools
 
 import pytest
 import torch
 
-from peftlite.ops.autograd import lora_linear
+from peftlite.ops.autograd import TORCH, lora_linear
+from peftlite.ops.dropout import draw_seed
 from peftlite.ops.reference import lora_backward, lora_forward
 from tests.models import DTYPES, assert_close_scaled, assert_within_rounding, keep_mask
+
+
+ENTRIES = ("function", "op")  # eager training (autograd.Function) and the custom op torch.compile traces
+
+
+def run(entry, x, weight, bias, a, b, scaling, p=0.0):
+    """The update on 2-D x through one entry point; dropout positions drawn from torch's global generator."""
+    if entry == "function":
+        return lora_linear(x, weight, bias, a, b, scaling, p)
+    return TORCH.op(x, weight, bias, a, b, float(scaling), float(p), draw_seed(p))[0]
 
 
 def tensors(m, k, n, r, dtype, seed=0):
@@ -20,14 +32,15 @@ def tensors(m, k, n, r, dtype, seed=0):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("m, k, n, r", [(1, 1, 1, 1), (13, 7, 5, 3), (33, 65, 17, 16), (4, 3, 9, 64),
-                                        (41, 9, 20, 4)])  # the last folds the weight in fp32 (CPU)
+                                        (41, 9, 20, 4)])
 @pytest.mark.parametrize("p", [0.0, 0.25])
-def test_forward_backward_match_reference(dtype, m, k, n, r, p):
+@pytest.mark.parametrize("entry", ENTRIES)
+def test_forward_backward_match_reference(dtype, m, k, n, r, p, entry):
     x, weight, bias, a, b = tensors(m, k, n, r, dtype)
     for t in (x, a, b):
         t.requires_grad_(True)
     torch.manual_seed(5)
-    y = lora_linear(x, weight, bias, a, b, 1.5, p)
+    y = run(entry, x, weight, bias, a, b, 1.5, p)
     keep = keep_mask(x.shape, p, 5) if p else None
     d = [t.detach().double() for t in (x, weight, bias, a, b)]
     magnitude = [t.abs() for t in d]  # the formulas on absolute values bound the rounding error
@@ -41,11 +54,12 @@ def test_forward_backward_match_reference(dtype, m, k, n, r, p):
 
 
 @pytest.mark.parametrize("flags", list(itertools.product([False, True], repeat=5)))
-def test_only_requested_gradients_are_computed(flags):
+@pytest.mark.parametrize("entry", ENTRIES)
+def test_only_requested_gradients_are_computed(flags, entry):
     values = tensors(6, 5, 4, 2, torch.float64)
     inputs = [t.clone().requires_grad_(f) for t, f in zip(values, flags)]
     expected = [t.clone().requires_grad_(f) for t, f in zip(values, flags)]
-    y = lora_linear(*inputs, 0.7)
+    y = run(entry, *inputs, 0.7)
     y_ref = lora_forward(*expected, 0.7)
     torch.testing.assert_close(y, y_ref)
     if not any(flags):
@@ -61,13 +75,14 @@ def test_only_requested_gradients_are_computed(flags):
 
 
 @pytest.mark.parametrize("p", [0.0, 0.3])
-def test_gradcheck(p):
+@pytest.mark.parametrize("entry", ENTRIES)
+def test_gradcheck(p, entry):
     x, weight, bias, a, b = tensors(5, 4, 3, 2, torch.float64)
     inputs = [t.requires_grad_(True) for t in (x, weight, bias, a, b)]
 
     def seeded(*args):
         torch.manual_seed(0)  # the same dropped positions on every evaluation
-        return lora_linear(*args, 1.3, p)
+        return run(entry, *args, 1.3, p)
 
     assert torch.autograd.gradcheck(seeded, inputs)
 
@@ -92,25 +107,14 @@ def test_empty_batch():
 
 @pytest.mark.parametrize("p", [0.0, 0.3])
 def test_custom_ops_pass_torch_library_opcheck(p):
-    from peftlite.ops.autograd import lora_backward as backward_op
-    from peftlite.ops.autograd import lora_forward as forward_op
+    from peftlite.ops.autograd import TORCH
     from peftlite.ops.dropout import draw_seed
 
     x, weight, bias, a, b = tensors(7, 5, 6, 3, torch.float32)
     a.requires_grad_(True)
     b.requires_grad_(True)
     seed = draw_seed(p)
-    torch.library.opcheck(forward_op, (x, weight, bias, a, b, 1.5, p, seed))
+    torch.library.opcheck(TORCH.op, (x, weight, bias, a, b, 1.5, p, seed))
     grad, t = torch.randn(7, 6), torch.randn(7, 3)
-    torch.library.opcheck(backward_op, (grad, x, weight, a, b, t, 1.5, p, seed, True, True, True),
+    torch.library.opcheck(TORCH.backward_op, (grad, x, weight, a, b, t, 1.5, p, seed, True, True, True),
                           test_utils=("test_schema", "test_faketensor"))
-
-
-def test_folded_weight_rule():
-    from peftlite.ops.autograd import folded_weight_pays
-
-    x32, x16 = torch.empty(1, dtype=torch.float32), torch.empty(1, dtype=torch.bfloat16)
-    assert folded_weight_pays(41, 20, 9, x32, 0.0)
-    assert not folded_weight_pays(41, 20, 9, x32, 0.1)  # dropout: h != x
-    assert not folded_weight_pays(41, 20, 9, x16, 0.0)  # a 16-bit W' would round the update away
-    assert not folded_weight_pays(39, 20, 9, x32, 0.0)

@@ -65,3 +65,25 @@ def test_zero_positions_zeroes_exactly_those_positions_in_place():
 def test_rejects_degenerate_probabilities(p):
     with pytest.raises(ValueError):
         drop_positions(10, p, seed=0)
+
+
+def splitmix64(seed: int, j: int) -> int:
+    """The j-th SplitMix64 output for ``seed``, in plain Python integers (the definition)."""
+    mask = (1 << 64) - 1
+    z = (seed + j * 0x9E3779B97F4A7C15) & mask
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & mask
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & mask
+    return z ^ (z >> 31)
+
+
+@pytest.mark.parametrize("seed", [0, 123, -(2**63), 2**63 - 1, -7])
+def test_uniform_is_splitmix64(seed):
+    from peftlite.ops.dropout import uniform
+
+    start, count = 5, 9  # odd start: the first number is the second half of hash 2
+    expected = []
+    for j in range(start // 2, (start + count + 1) // 2):
+        z = splitmix64(seed % (1 << 64), j)
+        expected += [(z >> 40) * 2.0**-24, ((z >> 16) & 0xFFFFFF) * 2.0**-24]
+    expected = expected[start % 2: start % 2 + count]
+    assert uniform(seed, start, count).tolist() == expected

@@ -17,7 +17,7 @@ from peftlite.ops.reference import lora_backward, lora_forward
 from tests.models import TOLERANCE, assert_within_rounding
 
 triton_lora = pytest.importorskip("peftlite.ops.triton_lora")  # needs the triton package (test extra)
-from peftlite.ops.autograd import triton_lora_forward  # noqa: E402
+from peftlite.ops.autograd import TRITON  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -51,7 +51,7 @@ def test_forward_backward_match_float64_reference(dtype, m, k, n, r, p):
     for t in (x, a, b):
         t.requires_grad_(True)
     seed = draw_seed(p)
-    y, _ = triton_lora_forward(x, weight, bias, a, b, 1.5, p, seed)
+    y, _ = TRITON.op(x, weight, bias, a, b, 1.5, p, seed)
     grad = torch.randn(m, n, generator=torch.Generator().manual_seed(1)).to(DEVICE, dtype)
     y.backward(grad)
     keep = triton_lora.keep_mask(m, k, p, seed, DEVICE).double() / (1 - p) if p else None
@@ -65,7 +65,7 @@ def test_only_requested_gradients(flags):
     x, weight, bias, a, b = tensors(9, 10, 11, 2, torch.float32)
     for t, flag in zip((x, a, b), flags):
         t.requires_grad_(flag)
-    y, _ = triton_lora_forward(x, weight, bias, a, b, 0.5, 0.0, draw_seed(0.0))
+    y, _ = TRITON.op(x, weight, bias, a, b, 0.5, 0.0, draw_seed(0.0))
     if not any(flags):
         assert not y.requires_grad
         return
@@ -110,7 +110,7 @@ def test_large_shapes_on_gpu(dtype):
     for t in (x, a, b):
         t.requires_grad_(True)
     seed = draw_seed(0.1)
-    y, _ = triton_lora_forward(x, weight, bias, a, b, 2.0, 0.1, seed)
+    y, _ = TRITON.op(x, weight, bias, a, b, 2.0, 0.1, seed)
     grad = torch.randn(1031, 4095, generator=torch.Generator().manual_seed(1)).to(DEVICE, dtype)
     y.backward(grad)
     keep = triton_lora.keep_mask(1031, 4096, 0.1, seed, DEVICE).double() / 0.9
@@ -127,7 +127,7 @@ def test_shape_space(m, k, n, r, dtype, p, scaling):
     for t in (x, a, b):
         t.requires_grad_(True)
     seed = draw_seed(p)
-    y, _ = triton_lora_forward(x, weight, bias, a, b, scaling, p, seed)
+    y, _ = TRITON.op(x, weight, bias, a, b, scaling, p, seed)
     grad = torch.randn(m, n, generator=torch.Generator().manual_seed(2)).to(DEVICE, dtype)
     y.backward(grad)
     keep = triton_lora.keep_mask(m, k, p, seed, DEVICE).double() / (1 - p) if p else None

@@ -4,8 +4,11 @@
 (fake implementations give it the output shapes), so a model with injected LoRA compiles with
 ``fullgraph=True``; eager calls run the same code. Against plain autograd over ``addmm`` calls:
 
-- the low-rank product is accumulated into the base output (``y.addmm_(t, B^T)``) and, in
-  backward, into ``dx`` (``dx = (dt A) masked, then dx.addmm_(g, W)``): no [M, N] or [M, K] sum;
+- the big GEMMs accumulate onto the low-rank terms (``y = s' t B^T + b``, then
+  ``y.addmm_(x, W^T)``; in backward ``dx = (dt A)`` masked, then ``dx.addmm_(g, W)``): the [M, N]
+  and [M, K] results are written once and re-read only inside the GEMM, no separate sum;
+- with dropout, the dropped copy h of x lives in the output's storage (forward: y's, before y is
+  written; backward: dx's, before dx is written), so no extra [M, K] buffer is allocated;
 - dropout is a seed, not a mask: the dropped positions are drawn from it in forward and drawn
   again in backward (see ``dropout.py``), so nothing of size [M, K] is kept for it;
 - gradients nobody asked for are not computed (the frozen weight's, and ``dx`` when ``x``
@@ -15,7 +18,7 @@ Saved for backward: x (when A needs a gradient), t = h A^T [M, r] (when B does),
 x needs a gradient) and the seed. See ``reference.py`` for the math.
 """
 
-from typing import Optional  # not `X | None`: torch.library reads these annotations as op schemas (torch >= 2.4)
+from typing import NamedTuple, Optional  # not `X | None`: torch.library reads annotations as schemas (torch 2.4)
 
 import torch
 from torch import Tensor
@@ -25,21 +28,6 @@ from .dropout import draw_seed, drop_positions_from_seed, zero_positions
 EMPTY = (0,)
 
 
-def folded_weight_pays(rows: int, n: int, k: int, x: Tensor, dropout: float) -> bool:
-    """Whether to fold the update into a temporary weight ``W' = W + s' B A`` for this call.
-
-    ``x W'^T`` is one GEMM in place of the GEMM plus two skinny products whose [M, N] / [M, K]
-    reads and writes dominate on CPU; building W' (twice: forward and backward) costs weight-sized
-    traffic. So: CPU, float32/float64 (a 16-bit W' would round most of the update away), no
-    dropout (h != x), and at least twice as many rows as the weight's larger side. Measured
-    forward+backward over the frozen base, 2 threads, r=16, accumulated vs folded: M=2048,
-    1024x1024: 1.136 vs 1.110; M=4096, 512x512: 1.274 vs 1.221; M=1024, 1024x1024: 1.135 vs 1.150;
-    M=512, 512 -> 1365: 1.184 vs 1.329.
-    """
-    return (x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64) and not dropout
-            and rows >= 2 * max(n, k))
-
-
 def torch_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tensor, lora_B: Tensor, scaling: float,
                   dropout: float, seed: Tensor) -> tuple[Tensor, Tensor]:
     """``(y, t)``: ``y = x W^T + b + s' t B^T`` [M, N] and ``t = h A^T`` [M, r], ``h`` = x with drops zeroed.
@@ -47,17 +35,18 @@ def torch_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Ten
     ``s' = scaling / (1 - dropout)``: inverted dropout's factor, folded into the scale.
     """
     s = scaling / (1.0 - dropout)
-    if folded_weight_pays(x.shape[0], weight.shape[0], weight.shape[1], x, dropout):
-        folded = torch.addmm(weight, lora_B, lora_A, alpha=s)  # W' [N, K]
-        y = torch.mm(x, folded.t()) if bias is None else torch.addmm(bias, x, folded.t())
-        return y, torch.mm(x, lora_A.t())
+    rows, cols, n = *x.shape, weight.shape[0]
+    y = x.new_empty(rows, n)
     h = x
-    if dropout:
-        h = zero_positions(x.clone(), drop_positions_from_seed(x.numel(), dropout, seed, x.device))
-    y = torch.mm(x, weight.t()) if bias is None else torch.addmm(bias, x, weight.t())
+    if dropout:  # h is built in y's storage when it fits there: y is overwritten only after t = h A^T
+        h = y.view(-1)[: x.numel()].view_as(x) if n >= cols else torch.empty_like(x)
+        zero_positions(h.copy_(x), drop_positions_from_seed(x.numel(), dropout, seed, x.device))
     t = torch.mm(h, lora_A.t())  # [M, r]
-    y.addmm_(t, lora_B.t(), alpha=s)
-    return y, t
+    if bias is None:
+        torch.mm(t, lora_B.t() * s, out=y)
+    else:
+        torch.addmm(bias, t, lora_B.t(), alpha=s, out=y)
+    return y.addmm_(x, weight.t()), t  # the big GEMM accumulates: no extra pass over y
 
 
 def torch_backward(grad: Tensor, x: Optional[Tensor], weight: Optional[Tensor], lora_A: Tensor, lora_B: Tensor,
@@ -66,20 +55,20 @@ def torch_backward(grad: Tensor, x: Optional[Tensor], weight: Optional[Tensor], 
     """``(dx, dA, dB)``; an output nobody needs is an empty tensor."""
     s = scaling / (1.0 - dropout)
     dx, d_a, d_b = (grad.new_empty(EMPTY) for _ in range(3))  # distinct: outputs may not alias
-    folded = need_x and folded_weight_pays(grad.shape[0], grad.shape[1], lora_A.shape[1], grad, dropout)
     drop = None
     if dropout and (need_x or need_a):
         drop = drop_positions_from_seed(grad.shape[0] * lora_A.shape[1], dropout, seed, grad.device)
-    if need_a or (need_x and not folded):
+    if need_a or need_x:
         dt = torch.mm(grad, lora_B).mul_(s)  # [M, r]
     if need_b:
-        d_b = torch.mm(grad.t(), t).mul_(s)  # [N, r]
+        d_b = torch.mm(t.t(), grad).mul_(s).t().contiguous()  # [N, r], as (t^T g)^T: g read along its rows
+    h = x
+    if need_a and drop is not None:
+        h = zero_positions(x.clone(), drop)  # its storage becomes dx's below
     if need_a:
-        d_a = torch.mm(dt.t(), x if drop is None else zero_positions(x.clone(), drop))  # [r, K]
-    if folded:
-        dx = torch.mm(grad, torch.addmm(weight, lora_B, lora_A, alpha=s))  # g W', W' rebuilt, not kept
-    elif need_x:
-        dx = torch.mm(dt, lora_A)  # [M, K]: low-rank term first, dropout mask on it, then the big GEMM
+        d_a = torch.mm(dt.t(), h)  # [r, K]
+    if need_x:  # [M, K]: low-rank term first, dropout mask on it, then the big GEMM accumulates
+        dx = torch.mm(dt, lora_A, out=h) if h is not x else torch.mm(dt, lora_A)
         if drop is not None:
             zero_positions(dx, drop)
         dx.addmm_(grad, weight)
@@ -97,36 +86,64 @@ def fake_backward(grad, x, weight, lora_A, lora_B, t, scaling, dropout, seed, ne
             grad.new_empty(lora_B.shape) if need_b else grad.new_empty(EMPTY))
 
 
-def define_ops(name: str, forward_impl, backward_impl):
-    """Register ``peftlite::<name>_forward`` / ``_backward`` custom ops with fakes and autograd; return the forward."""
-    forward_op = torch.library.custom_op(f"peftlite::{name}_forward", forward_impl, mutates_args=())
-    backward_op = torch.library.custom_op(f"peftlite::{name}_backward", backward_impl, mutates_args=())
-    forward_op.register_fake(fake_forward)
-    backward_op.register_fake(fake_backward)
+class Kernels(NamedTuple):
+    """One implementation of the update, three ways in: ``op`` (traced by ``torch.compile``), ``function``
+    (eager training: a plain ``autograd.Function``, without the custom op's per-call dispatch cost) and
+    ``forward`` (eager calls that need no gradient)."""
 
-    def setup_context(ctx, inputs, output):
-        x, weight, bias, lora_A, lora_B, scaling, dropout, seed = inputs
-        need_x, need_w, _, need_a, need_b = ctx.needs_input_grad[:5]
-        ctx.save_for_backward(x if (need_a or need_w) else None, weight if need_x else None, lora_A, lora_B,
-                              output[1] if need_b else None, seed)
-        ctx.scaling, ctx.dropout = scaling, dropout
+    op: object
+    backward_op: object
+    function: type
+    forward: object
+
+
+def saving(ctx, inputs, output) -> None:
+    """Save what backward needs: x only for dA (or a weight gradient), W only for dx, t only for dB."""
+    x, weight, bias, lora_A, lora_B, scaling, dropout, seed = inputs
+    need_x, need_w, _, need_a, need_b = ctx.needs_input_grad[:5]
+    ctx.save_for_backward(x if (need_a or need_w) else None, weight if need_x else None, lora_A, lora_B,
+                          output[1] if need_b else None, seed)
+    ctx.scaling, ctx.dropout = scaling, dropout
+
+
+def backward_with(run):
+    """The autograd backward for ``saving``'s context, running the update's backward through ``run``."""
 
     def backward(ctx, grad, grad_t):
         x, weight, lora_A, lora_B, t, seed = ctx.saved_tensors
         need_x, need_w, need_bias, need_a, need_b = ctx.needs_input_grad[:5]
         grad = grad.contiguous()
-        dx, d_a, d_b = backward_op(grad, x, weight, lora_A, lora_B, t, ctx.scaling, ctx.dropout, seed,
-                                   need_x, need_a, need_b)
+        dx, d_a, d_b = run(grad, x, weight, lora_A, lora_B, t, ctx.scaling, ctx.dropout, seed, need_x, need_a, need_b)
         d_weight = torch.mm(grad.t(), x) if need_w else None
         d_bias = grad.sum(0) if need_bias else None
         return (dx if need_x else None, d_weight, d_bias, d_a if need_a else None, d_b if need_b else None,
                 None, None, None)
-
-    forward_op.register_autograd(backward, setup_context=setup_context)
-    return forward_op, backward_op
+    return backward
 
 
-lora_forward, lora_backward = define_ops("lora", torch_forward, torch_backward)
+def define_ops(name: str, forward_impl, backward_impl) -> Kernels:
+    """Register ``peftlite::<name>_forward`` / ``_backward`` custom ops (fakes, autograd) and the eager twin."""
+    forward_op = torch.library.custom_op(f"peftlite::{name}_forward", forward_impl, mutates_args=())
+    backward_op = torch.library.custom_op(f"peftlite::{name}_backward", backward_impl, mutates_args=())
+    forward_op.register_fake(fake_forward)
+    backward_op.register_fake(fake_backward)
+    forward_op.register_autograd(backward_with(backward_op), setup_context=saving)
+
+    class Eager(torch.autograd.Function):  # forward(ctx, ...) style: a separate setup_context costs ~3x per call
+        @staticmethod
+        def forward(ctx, *inputs):
+            output = forward_impl(*inputs)
+            saving(ctx, inputs, output)
+            ctx.mark_non_differentiable(output[1])
+            return output
+
+        backward = staticmethod(backward_with(backward_impl))
+
+    Eager.__name__ = Eager.__qualname__ = f"{name}_function"
+    return Kernels(forward_op, backward_op, Eager, forward_impl)
+
+
+TORCH = define_ops("lora", torch_forward, torch_backward)
 
 
 def triton_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tensor, lora_B: Tensor, scaling: float,
@@ -144,24 +161,25 @@ def triton_backward(grad: Tensor, x: Optional[Tensor], weight: Optional[Tensor],
     return triton_lora.backward(grad, x, weight, lora_A, lora_B, t, scaling, dropout, seed, need_x, need_a, need_b)
 
 
-triton_lora_forward, triton_lora_backward = define_ops("lora_triton", triton_forward, triton_backward)
+TRITON = define_ops("lora_triton", triton_forward, triton_backward)
 
 
-IMPLEMENTATIONS = {lora_forward: torch_forward, triton_lora_forward: triton_forward}
+def lora_linear(x, weight, bias, lora_A, lora_B, scaling: float, dropout: float = 0.0, kernels: Kernels = TORCH):
+    """``x [..., K] -> [..., N]`` through ``kernels`` (the torch path by default); draws the dropout seed.
 
-
-def lora_linear(x, weight, bias, lora_A, lora_B, scaling: float, dropout: float = 0.0, op=None):
-    """``x [..., K] -> [..., N]`` through ``op`` (``peftlite::lora_forward`` by default); draws the dropout seed.
-
-    Eager calls that need no gradient (inference, decoding) skip the custom-op and autograd
-    wrappers, whose per-call cost (~10-35 us on CPU) would dominate small inputs.
+    Under ``torch.compile`` the custom op runs; eager training runs the same code as an
+    ``autograd.Function`` and eager calls that need no gradient (inference, decoding) call it
+    directly: the custom-op wrappers cost ~100 us per forward+backward on CPU, which dominates
+    small layers.
     """
-    op = op or lora_forward
-    if not torch.compiler.is_compiling() and not (torch.is_grad_enabled() and any(
-            t is not None and t.requires_grad for t in (x, weight, bias, lora_A, lora_B))):
-        op = IMPLEMENTATIONS[op]
+    if torch.compiler.is_compiling():
+        run = kernels.op
+    elif torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias, lora_A, lora_B)):
+        run = kernels.function.apply
+    else:
+        run = kernels.forward
     x2 = x.reshape(-1, x.shape[-1])
     if not x2.is_contiguous():
         x2 = x2.contiguous()
-    y, _ = op(x2, weight, bias, lora_A, lora_B, float(scaling), float(dropout), draw_seed(dropout))
+    y, _ = run(x2, weight, bias, lora_A, lora_B, float(scaling), float(dropout), draw_seed(dropout))
     return y.view(*x.shape[:-1], weight.shape[0])

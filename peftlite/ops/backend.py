@@ -19,7 +19,7 @@ import torch
 
 from ..errors import PeftliteError
 from .autograd import lora_linear as torch_lora_linear
-from .autograd import triton_lora_forward
+from .autograd import TORCH, TRITON
 from .dropout import draw_seed, drop_positions_from_seed
 from .reference import lora_forward
 
@@ -60,5 +60,5 @@ def lora_linear(x, weight, bias, lora_A, lora_B, scaling: float, dropout: float 
     chosen = backend()
     if chosen == "reference":
         return reference_lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout)
-    op = triton_lora_forward if chosen == "triton" else None
-    return torch_lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout, op=op)
+    kernels = TRITON if chosen == "triton" else TORCH
+    return torch_lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout, kernels)

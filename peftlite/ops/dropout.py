@@ -26,23 +26,30 @@ MIX2 = 0x94D049BB133111EB - (1 << 64)
 NO_SEED = torch.zeros((), dtype=torch.int64)
 
 
-def logical_shift(z: torch.Tensor, bits: int) -> torch.Tensor:
-    """``z >> bits`` on the 64-bit pattern (int64 ``>>`` sign-extends)."""
-    return (z >> bits) & ((1 << (64 - bits)) - 1)
+def logical_shift(z: torch.Tensor, bits: int, out: torch.Tensor = None) -> torch.Tensor:
+    """``z >>> bits``: ``z >> bits`` on the 64-bit pattern (int64 ``>>`` sign-extends), into ``out`` if given."""
+    shifted = torch.bitwise_right_shift(z, bits) if out is None else torch.bitwise_right_shift(z, bits, out=out)
+    return shifted.bitwise_and_((1 << (64 - bits)) - 1)
 
 
 def uniform(seed: int, start: int, count: int, device=None) -> torch.Tensor:
     """Numbers ``start .. start + count - 1`` of stream ``seed``, uniform on the float32 grid of [0, 1).
 
-    Hash ``j`` gives numbers ``2j`` (its top 24 bits) and ``2j + 1`` (the next 24 bits).
+    Hash ``j`` gives numbers ``2j`` (its top 24 bits) and ``2j + 1`` (the next 24 bits). Every
+    step is in place on one scratch tensor: fresh allocations, not arithmetic, dominated the time.
     """
     first = start // 2
     z = torch.arange(first, (start + count + 1) // 2, dtype=torch.int64, device=device).mul_(GOLDEN).add_(seed)
-    z = (z ^ logical_shift(z, 30)).mul_(MIX1)  # the products wrap, as SplitMix64's do
-    z = (z ^ logical_shift(z, 27)).mul_(MIX2)
-    z = z ^ logical_shift(z, 31)
-    pairs = torch.stack([logical_shift(z, 40), (z >> 16) & 0xFFFFFF], dim=1).view(-1)
-    return pairs[start - 2 * first: start - 2 * first + count].to(torch.float32).mul_(2.0 ** -24)
+    scratch = torch.empty_like(z)
+    for bits, mix in ((30, MIX1), (27, MIX2), (31, None)):  # z ^= z >>> bits; z *= mix (the products wrap)
+        z.bitwise_xor_(logical_shift(z, bits, out=scratch))
+        if mix is not None:
+            z.mul_(mix)
+    pairs = torch.empty(z.shape[0], 2, dtype=torch.float32, device=device)
+    pairs[:, 0].copy_(logical_shift(z, 40, out=scratch))
+    pairs[:, 1].copy_(torch.bitwise_right_shift(z, 16, out=scratch).bitwise_and_(0xFFFFFF))
+    skip = start - 2 * first
+    return pairs.view(-1)[skip: skip + count].mul_(2.0 ** -24)
 
 
 def drop_positions(numel: int, p: float, seed: int, device=None) -> torch.Tensor:
@@ -54,7 +61,7 @@ def drop_positions(numel: int, p: float, seed: int, device=None) -> torch.Tensor
     while end < numel - 1:
         expected = (numel - 1 - end) * p  # drops still to come; draw a few sigma more so one round nearly always does
         count = int(expected + 6 * math.sqrt(expected) + 64)
-        gaps = torch.log1p(uniform(seed, drawn, count, device).neg_()).mul_(inv_log_keep).floor_()
+        gaps = uniform(seed, drawn, count, device).neg_().log1p_().mul_(inv_log_keep).floor_()
         positions = gaps.to(torch.int64).add_(1).cumsum_(0).add_(end)
         drawn += count
         end = positions[-1].item()
