@@ -118,3 +118,31 @@ def test_custom_ops_pass_torch_library_opcheck(p):
     grad, t = torch.randn(7, 6), torch.randn(7, 3)
     torch.library.opcheck(TORCH.backward_op, (grad, x, weight, a, b, t, 1.5, p, seed, True, True, True),
                           test_utils=("test_schema", "test_faketensor"))
+
+
+def test_training_with_dropout_reads_nothing_back_from_the_device(monkeypatch):
+    """No .item()/.tolist(): on a GPU either would stall the host once per layer (forward and backward)."""
+    x, weight, bias, a, b = tensors(37, 11, 13, 4, torch.float32)
+    for t in (x, a, b):
+        t.requires_grad_(True)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("read a value back to the host")
+
+    monkeypatch.setattr(torch.Tensor, "item", refuse)
+    monkeypatch.setattr(torch.Tensor, "tolist", refuse)
+    lora_linear(x, weight, bias, a, b, 1.5, 0.3).sum().backward()
+    assert a.grad.abs().sum() > 0 and b.grad.abs().sum() > 0
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_training_with_dropout_does_not_synchronize_on_cuda():
+    x, weight, bias, a, b = (t.cuda() for t in tensors(512, 256, 384, 16, torch.bfloat16))
+    for t in (x, a, b):
+        t.requires_grad_(True)
+    lora_linear(x, weight, bias, a, b, 1.5, 0.1).sum().backward()  # warm up: first calls may sync (lazy init)
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        lora_linear(x, weight, bias, a, b, 1.5, 0.1).sum().backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")

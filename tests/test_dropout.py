@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from peftlite.ops.dropout import draw_seed, drop_positions, drop_positions_from_seed, zero_positions
+from peftlite.ops.dropout import draw_seed, drop_positions, drop_positions_from_seed
 
 
 @pytest.mark.parametrize("p", [0.01, 0.1, 0.5, 0.9])
@@ -54,13 +54,6 @@ def test_uniform_stream_is_uniform_and_continues_across_chunks():
     assert abs(torch.corrcoef(torch.stack([u[1:], u[:-1]]))[0, 1].item()) < 0.02
 
 
-def test_zero_positions_zeroes_exactly_those_positions_in_place():
-    x = torch.arange(1.0, 13.0).view(3, 4)
-    out = zero_positions(x, torch.tensor([0, 5, 11]))
-    assert out.flatten().tolist() == [0, 2, 3, 4, 5, 0, 7, 8, 9, 10, 11, 0]
-    assert out is x
-
-
 @pytest.mark.parametrize("p", [0.0, 1.0, -0.1])
 def test_rejects_degenerate_probabilities(p):
     with pytest.raises(ValueError):
@@ -87,3 +80,34 @@ def test_uniform_is_splitmix64(seed):
         expected += [(z >> 40) * 2.0**-24, ((z >> 16) & 0xFFFFFF) * 2.0**-24]
     expected = expected[start % 2: start % 2 + count]
     assert uniform(seed, start, count).tolist() == expected
+
+
+@pytest.mark.parametrize("numel, p, seed", [(0, 0.3, 1), (1, 0.25, 3), (10, 0.5, 1), (200_003, 0.9, 11),
+                                            (2048 * 1024, 0.1, 7), (5, 0.01, 2)])
+def test_padded_positions_are_the_exact_ones_then_the_spare_slot(numel, p, seed):
+    from peftlite.ops.dropout import draw_count, drop_positions_padded
+
+    exact = drop_positions(numel, p, seed)
+    padded = drop_positions_padded(numel, p, seed)
+    assert padded.numel() == draw_count(numel, p)
+    assert torch.equal(padded[: exact.numel()], exact)
+    assert (padded[exact.numel():] == numel).all()
+
+
+def test_a_short_padded_draw_raises_instead_of_dropping_too_little(monkeypatch):
+    from peftlite.ops import dropout
+
+    monkeypatch.setattr(dropout, "draw_count", lambda numel, p: 3)
+    with pytest.raises(RuntimeError):
+        dropout.drop_positions_padded(10_000, 0.5, 1)
+
+
+def test_spare_slot_takes_the_padding():
+    from peftlite.ops.dropout import drop_positions_padded, spare_slot
+
+    matrix, flat = spare_slot(3, 4, torch.empty(0))
+    matrix.fill_(1.0)
+    flat.index_fill_(0, drop_positions_padded(12, 0.5, 9), 0)
+    expected = torch.ones(12)
+    expected[drop_positions(12, 0.5, 9)] = 0
+    assert torch.equal(matrix.flatten(), expected)

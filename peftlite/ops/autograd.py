@@ -23,7 +23,7 @@ from typing import NamedTuple, Optional  # not `X | None`: torch.library reads a
 import torch
 from torch import Tensor
 
-from .dropout import draw_seed, drop_positions_from_seed, zero_positions
+from .dropout import draw_seed, drop_positions_padded, spare_slot
 
 EMPTY = (0,)
 
@@ -36,11 +36,13 @@ def torch_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Ten
     """
     s = scaling / (1.0 - dropout)
     rows, cols, n = *x.shape, weight.shape[0]
-    y = x.new_empty(rows, n)
+    y, y_flat = spare_slot(rows, n, x)
     h = x
     if dropout:  # h is built in y's storage when it fits there: y is overwritten only after t = h A^T
-        h = y.view(-1)[: x.numel()].view_as(x) if n >= cols else torch.empty_like(x)
-        zero_positions(h.copy_(x), drop_positions_from_seed(x.numel(), dropout, seed, x.device))
+        drop = drop_positions_padded(x.numel(), dropout, int(seed), x.device)
+        h, h_flat = (y_flat[: x.numel()].view_as(x), y_flat) if n >= cols else spare_slot(rows, cols, x)
+        h.copy_(x)
+        h_flat.index_fill_(0, drop, 0)
     t = torch.mm(h, lora_A.t())  # [M, r]
     if bias is None:
         torch.mm(t, lora_B.t() * s, out=y)
@@ -57,20 +59,23 @@ def torch_backward(grad: Tensor, x: Optional[Tensor], weight: Optional[Tensor], 
     dx, d_a, d_b = (grad.new_empty(EMPTY) for _ in range(3))  # distinct: outputs may not alias
     drop = None
     if dropout and (need_x or need_a):
-        drop = drop_positions_from_seed(grad.shape[0] * lora_A.shape[1], dropout, seed, grad.device)
+        drop = drop_positions_padded(grad.shape[0] * lora_A.shape[1], dropout, int(seed), grad.device)
     if need_a or need_x:
         dt = torch.mm(grad, lora_B).mul_(s)  # [M, r]
     if need_b:
         d_b = torch.mm(t.t(), grad).mul_(s).t().contiguous()  # [N, r], as (t^T g)^T: g read along its rows
-    h = x
-    if need_a and drop is not None:
-        h = zero_positions(x.clone(), drop)  # its storage becomes dx's below
+    if need_x or (need_a and drop is not None):  # one [M, K] buffer: first h (x with drops zeroed), then dx
+        buffer, flat = spare_slot(grad.shape[0], lora_A.shape[1], grad)
     if need_a:
-        d_a = torch.mm(dt.t(), h)  # [r, K]
-    if need_x:  # [M, K]: low-rank term first, dropout mask on it, then the big GEMM accumulates
-        dx = torch.mm(dt, lora_A, out=h) if h is not x else torch.mm(dt, lora_A)
+        h = x
         if drop is not None:
-            zero_positions(dx, drop)
+            h = buffer.copy_(x)
+            flat.index_fill_(0, drop, 0)
+        d_a = torch.mm(dt.t(), h)  # [r, K]
+    if need_x:  # low-rank term first, dropout mask on it, then the big GEMM accumulates
+        dx = torch.mm(dt, lora_A, out=buffer)
+        if drop is not None:
+            flat.index_fill_(0, drop, 0)
         dx.addmm_(grad, weight)
     return dx, d_a, d_b
 

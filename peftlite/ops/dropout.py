@@ -11,6 +11,10 @@ counter-based generator (SplitMix64: the i-th number is a fixed mixing function 
 ``seed + i * golden``), computed with vectorised integer ops on the tensors' own device: the
 same seed gives the same positions on every device, with no generator state to carry.
 
+Training uses :func:`drop_positions_padded`: one draw of a fixed length, padded with a spare
+position, so nothing is read back to the host (no device sync on a GPU); :func:`drop_positions`
+(the exact list) defines the same set and serves the reference path and tests.
+
 The seed is an int64 scalar tensor on the CPU, drawn from torch's global CPU generator by
 :func:`draw_seed` (no device sync); activation checkpointing restores that generator's state
 before recomputing, so a recomputed forward draws the same mask.
@@ -72,6 +76,39 @@ def drop_positions(numel: int, p: float, seed: int, device=None) -> torch.Tensor
     return positions[: torch.searchsorted(positions, numel)]
 
 
+def draw_count(numel: int, p: float) -> int:
+    """How many gaps :func:`drop_positions_padded` draws: enough to pass position ``numel`` except with
+    probability below 1e-30 (the number of drops is Binomial(numel, p); mean + 12 sigma + 64, Chernoff)."""
+    mean = numel * p
+    return int(mean + 12 * math.sqrt(mean) + 64)
+
+
+def drop_positions_padded(numel: int, p: float, seed: int, device=None) -> torch.Tensor:
+    """:func:`drop_positions` without reading anything back to the host: no device sync on a GPU.
+
+    Returns :func:`draw_count` positions: the dropped ones (the same as ``drop_positions``: the
+    same gaps of the same stream), then ``numel`` for the rest. Zero them in a buffer with one
+    spare element past the end (:func:`spare_slot`). Whether the draw reached the end is checked
+    on the device (``torch._assert_async``), so a short draw raises instead of dropping too little.
+    """
+    if not 0 < p < 1:
+        raise ValueError(f"drop probability must be in (0, 1), got {p}")
+    gaps = uniform(seed, 0, draw_count(numel, p), device).neg_().log1p_().mul_(1.0 / math.log1p(-p)).floor_()
+    positions = gaps.to(torch.int64).cumsum_(0).add_(torch.arange(gaps.shape[0], device=device))
+    torch._assert_async(positions[-1] >= numel - 1)
+    return positions.clamp_(max=numel)
+
+
+def spare_slot(rows: int, cols: int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(matrix, flat)``: a new [rows, cols] tensor and its storage as a flat tensor one element longer.
+
+    ``flat.index_fill_(0, drop_positions_padded(...), 0)`` zeroes the matrix's dropped elements;
+    the padding positions land on the spare element.
+    """
+    flat = like.new_empty(rows * cols + 1)
+    return flat[: rows * cols].view(rows, cols), flat
+
+
 def draw_seed(p: float) -> torch.Tensor:
     """A fresh seed from the global CPU generator (no device sync), or a constant when ``p`` is 0."""
     return torch.randint(-(2**63), 2**63 - 1, (), dtype=torch.int64) if p else NO_SEED
@@ -80,9 +117,3 @@ def draw_seed(p: float) -> torch.Tensor:
 def drop_positions_from_seed(numel: int, p: float, seed: torch.Tensor, device=None) -> torch.Tensor:
     """:func:`drop_positions` for a seed held in a CPU int64 scalar tensor."""
     return drop_positions(numel, p, int(seed), device)
-
-
-def zero_positions(x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-    """Set the flat ``positions`` of contiguous ``x`` to zero, in place; return ``x``."""
-    x.view(-1).index_fill_(0, positions, 0)
-    return x
