@@ -22,7 +22,16 @@ import common  # noqa: E402
 
 import peftlite  # noqa: E402
 
-RIVALS = {"peftlite lora": "peft lora", "peftlite prefix": "peft prefix"}
+
+
+def lora_name(library: str, dropout: float) -> str:
+    return f"{library} lora" + (f" p={dropout:g}" if dropout else "")
+
+
+def rivals(args) -> dict[str, str]:
+    """{peftlite contender: PEFT's same method}."""
+    pairs = {lora_name("peftlite", p): lora_name("peft", p) for p in args.lora_dropouts}
+    return {**pairs, "peftlite prefix": "peft prefix"}
 
 
 def build_base(args):
@@ -38,7 +47,9 @@ def build_base(args):
 def contenders(base, args) -> dict:
     """{name: model}: every model holds a copy of the same base weights."""
     models = {"base": base}
-    models["peftlite lora"] = peftlite.inject(copy.deepcopy(base), rank=args.rank, alpha=2 * args.rank)
+    for p in args.lora_dropouts:
+        models[lora_name("peftlite", p)] = peftlite.inject(copy.deepcopy(base), rank=args.rank, alpha=2 * args.rank,
+                                                           dropout=p)
     models["peftlite adapter"] = peftlite.inject(copy.deepcopy(base), method="adapter",
                                                  targets=["o_proj", "down_proj"], reduction_factor=16)
     models["peftlite prefix"] = peftlite.inject(copy.deepcopy(base), method="prefix", prefix_len=args.prefix)
@@ -47,8 +58,9 @@ def contenders(base, args) -> dict:
     except ImportError:
         print("peft is not installed: PEFT rows skipped (pip install peft)")
         return models
-    models["peft lora"] = get_peft_model(copy.deepcopy(base), LoraConfig(
-        r=args.rank, lora_alpha=2 * args.rank, target_modules="all-linear", task_type="CAUSAL_LM"))
+    for p in args.lora_dropouts:
+        models[lora_name("peft", p)] = get_peft_model(copy.deepcopy(base), LoraConfig(
+            r=args.rank, lora_alpha=2 * args.rank, lora_dropout=p, target_modules="all-linear", task_type="CAUSAL_LM"))
     models["peft prefix"] = get_peft_model(copy.deepcopy(base), PrefixTuningConfig(
         num_virtual_tokens=args.prefix, task_type="CAUSAL_LM"))
     return models
@@ -105,19 +117,21 @@ def run(args) -> list[dict]:
              for name, model in models.items()}
     for model in models.values():
         model.eval()
-    infer = common.interleaved({name: infer_step(model, embeds) for name, model in models.items()},
+    infer = common.interleaved({name: infer_step(model, embeds) for name, model in models.items()
+                                if " p=" not in name},  # dropout is off in eval: the p=0 rows say it all
                                args.rounds, args.warmup)
     rows = []
     for mode, times in (("train step", train), ("inference", infer)):
         summary = common.summarize(times, "base")
         for name, stats in summary.items():
-            row = {"mode": mode, "contender": name, **shape, **stats,
+            dropout = next((p for p in args.lora_dropouts if name.endswith(lora_name("", p))), None)
+            row = {"mode": mode, "contender": name, **shape, **stats, "lora_dropout": dropout,
                    "trainable": sum(p.numel() for p in models[name].parameters() if p.requires_grad)}
             if mode == "train step":
                 row["saved_bytes"] = saved[name]
                 if peak[name] is not None:
                     row["peak_bytes"] = peak[name]
-            rival = RIVALS.get(name)
+            rival = rivals(args).get(name)
             if rival in times:
                 row["peft_time_over_this"] = common.summarize({name: times[name], rival: times[rival]}, name,
                                                               rival)[name][f"{rival}_time_over_this"]
@@ -145,6 +159,7 @@ def main():
     parser.add_argument("--seq", type=int, default=256)
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--prefix", type=int, default=16)
+    parser.add_argument("--lora-dropouts", type=float, nargs="+", default=[0.0, 0.1])
     common.add_run_options(parser, rounds=20, warmup=3)
     args = parser.parse_args()
     common.run_and_report(args, run, print_table, "model", "model")
