@@ -29,7 +29,8 @@ _BITS = {
 # Integer type wide enough to subtract two bit patterns of each float type without overflow
 # (float64 wraps around, which the equality check below still handles correctly).
 _WIDE = {torch.int64: torch.int64, torch.int32: torch.int64, torch.int16: torch.int32}
-BLOCK_ELEMENTS = 1 << 16  # per block: small temporaries that stay in cache and are reused by the allocator
+BLOCK_ELEMENTS = 1 << 16  # per block on CPU: small temporaries that stay in cache and are reused by the allocator
+DEVICE_BLOCK_ELEMENTS = 1 << 22  # per block elsewhere: each block costs ~15 kernel launches and one sync
 
 DeltaRows = Callable[[int, int], torch.Tensor]  # (r0, r1) -> delta[r0:r1], float32 (float64 for float64)
 
@@ -65,16 +66,19 @@ def rounded_add(weight: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
 
 
 def row_blocks(weight: torch.Tensor):
-    """(r0, r1) spans of rows, about BLOCK_ELEMENTS elements each; the same for the same shape."""
+    """(r0, r1) spans of rows, about BLOCK_ELEMENTS elements each (DEVICE_BLOCK_ELEMENTS off the CPU);
+    the same for the same shape and device."""
     rows = weight.shape[0]
     cols = weight[0].numel() if rows else 1
-    step = max(1, BLOCK_ELEMENTS // max(1, cols))
+    elements = BLOCK_ELEMENTS if weight.device.type == "cpu" else DEVICE_BLOCK_ELEMENTS
+    step = max(1, elements // max(1, cols))
     return [(r0, min(rows, r0 + step)) for r0 in range(0, rows, step)]
 
 
 def merge_is_finite(weight: torch.Tensor, delta_rows: DeltaRows) -> bool:
     """Whether ``round(weight + delta)`` holds no NaN or Inf. Reads only."""
-    return all(bool(rounded_add(weight[r0:r1], delta_rows(r0, r1)).isfinite().all()) for r0, r1 in row_blocks(weight))
+    finite = [rounded_add(weight[r0:r1], delta_rows(r0, r1)).isfinite().all() for r0, r1 in row_blocks(weight)]
+    return bool(torch.stack(finite).all()) if finite else True  # one read back, not one per block
 
 
 def merge_exact_(weight: torch.Tensor, delta_rows: DeltaRows) -> MergeResidual:

@@ -96,3 +96,12 @@ def test_finiteness_check_reads_only():
     delta[3, 3] = 1e6  # overflows float16
     assert not merge_is_finite(weight, lambda r0, r1: delta[r0:r1])
     assert torch.equal(weight, torch.ones(4, 4, dtype=torch.float16))
+
+
+def test_blocks_are_larger_off_the_cpu():
+    """Off the CPU each block costs kernel launches and one read back: 4 blocks for a 4096^2 weight, not 256."""
+    from peftlite.exact_merge import row_blocks
+
+    assert len(row_blocks(torch.empty(4096, 4096))) == 256
+    blocks = row_blocks(torch.empty(4096, 4096, device="meta"))
+    assert blocks == [(0, 1024), (1024, 2048), (2048, 3072), (3072, 4096)]
