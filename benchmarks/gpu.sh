@@ -1,14 +1,34 @@
 #!/usr/bin/env bash
 # Every GPU check and benchmark in one call (for a machine with a CUDA GPU and torch, triton, transformers
 # and peft installed). Results go to $OUT (the device tool's output folder) or benchmarks/results.
-set -euo pipefail
+# Each step has its own time limit and a failing step does not stop the others: $out/steps.txt lists
+# every step with its exit status, so one call brings back everything that worked.
+set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 out="${OUT:-benchmarks/results}"
 mkdir -p "$out"
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out/gpu.txt"
-python -m pytest tests/test_triton.py tests/test_autograd.py tests/test_compile.py -q 2>&1 | tail -5 | tee "$out/gpu-tests.txt"
-python benchmarks/bench_lora_layer.py --device cuda --dtype bfloat16 --m 8192 --k 4096 --n 4096 --ranks 16 64 \
-    --dropouts 0 0.1 --decode 1 16 --rounds 30 --warmup 5 --inner 3 --out "$out/layer-cuda.json" | tee "$out/layer-cuda.txt"
-python benchmarks/bench_model.py --device cuda --dtype bfloat16 --hidden 2048 --layers 8 --heads 16 --vocab 32000 \
-    --batch 4 --seq 1024 --rounds 20 --out "$out/model-cuda.json" | tee "$out/model-cuda.txt"
+: > "$out/steps.txt"
+
+step() {  # step NAME SECONDS COMMAND...: run with a time limit, keep its output, record its exit status
+    local name=$1 limit=$2
+    shift 2
+    local start=$SECONDS
+    timeout "$limit" "$@" > "$out/$name.txt" 2>&1
+    local rc=$?
+    echo "$name rc=$rc ${SECONDS}s-total $((SECONDS - start))s" | tee -a "$out/steps.txt"
+    tail -3 "$out/$name.txt"
+}
+
+step gpu 20 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
+step gpu-tests 200 python -m pytest tests/test_triton.py tests/test_autograd.py tests/test_compile.py -q -x
+layer="python benchmarks/bench_lora_layer.py --device cuda --dtype bfloat16 --rounds 30 --warmup 5 --inner 3"
+# The reference shape (issue targets), then two more shapes for the torch-vs-Triton dispatch table.
+step layer-cuda 120 $layer --m 8192 --k 4096 --n 4096 --ranks 16 64 --dropouts 0 0.1 --decode 1 16 \
+    --out "$out/layer-cuda.json"
+step layer-cuda-m1024 60 $layer --m 1024 --k 4096 --n 4096 --ranks 16 --dropouts 0 0.1 --decode 4 \
+    --out "$out/layer-cuda-m1024.json"
+step layer-cuda-k2048 60 $layer --m 8192 --k 2048 --n 5632 --ranks 16 --dropouts 0 0.1 --decode \
+    --out "$out/layer-cuda-k2048.json"
+step model-cuda 150 python benchmarks/bench_model.py --device cuda --dtype bfloat16 --hidden 2048 --layers 8 \
+    --heads 16 --vocab 32000 --batch 4 --seq 1024 --rounds 20 --out "$out/model-cuda.json"
