@@ -77,7 +77,7 @@ def test_uniform_is_splitmix64(seed):
     expected = []
     for j in range(start // 2, (start + count + 1) // 2):
         z = splitmix64(seed % (1 << 64), j)
-        expected += [(z >> 40) * 2.0**-24, ((z >> 16) & 0xFFFFFF) * 2.0**-24]
+        expected += [((z & 0xFFFFFFFF) >> 8) * 2.0**-24, (z >> 40) * 2.0**-24]  # low half's top 24 bits, high's
     expected = expected[start % 2: start % 2 + count]
     assert uniform(seed, start, count).tolist() == expected
 

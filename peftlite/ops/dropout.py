@@ -21,6 +21,7 @@ before recomputing, so a recomputed forward draws the same mask.
 """
 
 import math
+import sys
 
 import torch
 
@@ -28,6 +29,7 @@ GOLDEN = 0x9E3779B97F4A7C15 - (1 << 64)  # SplitMix64 constants, as signed int64
 MIX1 = 0xBF58476D1CE4E5B9 - (1 << 64)
 MIX2 = 0x94D049BB133111EB - (1 << 64)
 NO_SEED = torch.zeros((), dtype=torch.int64)
+LITTLE_ENDIAN = sys.byteorder == "little"  # int64 -> (low, high) int32 halves
 
 
 def logical_shift(z: torch.Tensor, bits: int, out: torch.Tensor = None) -> torch.Tensor:
@@ -39,8 +41,8 @@ def logical_shift(z: torch.Tensor, bits: int, out: torch.Tensor = None) -> torch
 def uniform(seed: int, start: int, count: int, device=None) -> torch.Tensor:
     """Numbers ``start .. start + count - 1`` of stream ``seed``, uniform on the float32 grid of [0, 1).
 
-    Hash ``j`` gives numbers ``2j`` (its top 24 bits) and ``2j + 1`` (the next 24 bits). Every
-    step is in place on one scratch tensor: fresh allocations, not arithmetic, dominated the time.
+    Hash ``j`` gives numbers ``2j`` and ``2j + 1``: the top 24 bits of its low and of its high 32-bit
+    half. Every step is in place (fresh tensors per step, not arithmetic, dominated the time).
     """
     first = start // 2
     z = torch.arange(first, (start + count + 1) // 2, dtype=torch.int64, device=device).mul_(GOLDEN).add_(seed)
@@ -49,11 +51,10 @@ def uniform(seed: int, start: int, count: int, device=None) -> torch.Tensor:
         z.bitwise_xor_(logical_shift(z, bits, out=scratch))
         if mix is not None:
             z.mul_(mix)
-    pairs = torch.empty(z.shape[0], 2, dtype=torch.float32, device=device)
-    pairs[:, 0].copy_(logical_shift(z, 40, out=scratch))
-    pairs[:, 1].copy_(torch.bitwise_right_shift(z, 16, out=scratch).bitwise_and_(0xFFFFFF))
+    halves = z.view(torch.int32) if LITTLE_ENDIAN else z.view(-1, 1).view(torch.int32).flip(1).view(-1)
+    numbers = torch.bitwise_right_shift(halves, 8).bitwise_and_(0xFFFFFF).to(torch.float32)  # [2 * hashes]
     skip = start - 2 * first
-    return pairs.view(-1)[skip: skip + count].mul_(2.0 ** -24)
+    return numbers[skip: skip + count].mul_(2.0 ** -24)
 
 
 def drop_positions(numel: int, p: float, seed: int, device=None) -> torch.Tensor:
@@ -93,8 +94,8 @@ def drop_positions_padded(numel: int, p: float, seed: int, device=None) -> torch
     """
     if not 0 < p < 1:
         raise ValueError(f"drop probability must be in (0, 1), got {p}")
-    gaps = uniform(seed, 0, draw_count(numel, p), device).neg_().log1p_().mul_(1.0 / math.log1p(-p)).floor_()
-    positions = gaps.to(torch.int64).cumsum_(0).add_(torch.arange(gaps.shape[0], device=device))
+    steps = uniform(seed, 0, draw_count(numel, p), device).neg_().log1p_().mul_(1.0 / math.log1p(-p)).floor_().add_(1)
+    positions = steps.to(torch.int64).cumsum_(0).sub_(1)  # gaps of 1 + Geometric: position i = sum of steps - 1
     torch._assert_async(positions[-1] >= numel - 1)
     return positions.clamp_(max=numel)
 
