@@ -35,20 +35,23 @@ def torch_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Ten
     ``s' = scaling / (1 - dropout)``: inverted dropout's factor, folded into the scale.
     """
     s = scaling / (1.0 - dropout)
+    if not dropout:
+        t = torch.mm(x, lora_A.t())  # [M, r]
+        y = torch.mm(t, lora_B.t() * s) if bias is None else torch.addmm(bias, t, lora_B.t(), alpha=s)
+        return y.addmm_(x, weight.t()), t  # the big GEMM accumulates: no extra pass over y
     rows, cols, n = *x.shape, weight.shape[0]
     y, y_flat = spare_slot(rows, n, x)
-    h = x
-    if dropout:  # h is built in y's storage when it fits there: y is overwritten only after t = h A^T
-        drop = drop_positions_padded(x.numel(), dropout, int(seed), x.device)
-        h, h_flat = (y_flat[: x.numel()].view_as(x), y_flat) if n >= cols else spare_slot(rows, cols, x)
-        h.copy_(x)
-        h_flat.index_fill_(0, drop, 0)
-    t = torch.mm(h, lora_A.t())  # [M, r]
+    drop = drop_positions_padded(x.numel(), dropout, int(seed), x.device)
+    # h (x with drops zeroed) is built in y's storage when it fits: y is written only after t = h A^T
+    h, h_flat = (y_flat[: x.numel()].view_as(x), y_flat) if n >= cols else spare_slot(rows, cols, x)
+    h.copy_(x)
+    h_flat.index_fill_(0, drop, 0)
+    t = torch.mm(h, lora_A.t())
     if bias is None:
         torch.mm(t, lora_B.t() * s, out=y)
     else:
         torch.addmm(bias, t, lora_B.t(), alpha=s, out=y)
-    return y.addmm_(x, weight.t()), t  # the big GEMM accumulates: no extra pass over y
+    return y.addmm_(x, weight.t()), t
 
 
 def torch_backward(grad: Tensor, x: Optional[Tensor], weight: Optional[Tensor], lora_A: Tensor, lora_B: Tensor,
@@ -179,12 +182,11 @@ def lora_linear(x, weight, bias, lora_A, lora_B, scaling: float, dropout: float 
     """
     if torch.compiler.is_compiling():
         run = kernels.op
-    elif torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias, lora_A, lora_B)):
+    elif torch.is_grad_enabled() and (x.requires_grad or lora_A.requires_grad or lora_B.requires_grad
+                                      or weight.requires_grad or (bias is not None and bias.requires_grad)):
         run = kernels.function.apply
     else:
         run = kernels.forward
-    x2 = x.reshape(-1, x.shape[-1])
-    if not x2.is_contiguous():
-        x2 = x2.contiguous()
+    x2 = x.reshape(-1, x.shape[-1]).contiguous()  # a no-op when already contiguous
     y, _ = run(x2, weight, bias, lora_A, lora_B, float(scaling), float(dropout), draw_seed(dropout))
     return y.view(*x.shape[:-1], weight.shape[0])
