@@ -2,7 +2,9 @@
 
 ``peftlite::lora_forward`` and ``peftlite::lora_backward`` are opaque to ``torch.compile``
 (fake implementations give it the output shapes), so a model with injected LoRA compiles with
-``fullgraph=True``; eager calls run the same code. Against plain autograd over ``addmm`` calls:
+``fullgraph=True``. Eager training runs the same two functions as a plain ``autograd.Function``
+(cheaper to call than the op), and eager calls that need no gradient call the forward directly.
+Against plain autograd over ``addmm`` calls:
 
 - the big GEMMs accumulate onto the low-rank terms (``y = s' t B^T + b``, then
   ``y.addmm_(x, W^T)``; in backward ``dx = (dt A)`` masked, then ``dx.addmm_(g, W)``): the [M, N]

@@ -1,10 +1,11 @@
 """Which implementation of the low-rank update a LoRALinear runs.
 
-- ``torch`` (default): the ``peftlite::lora_forward`` custom op (``autograd.py``): hand-written
-  backward, dropout as a seed, compiles with ``torch.compile(fullgraph=True)``.
+- ``torch`` (default): ``autograd.torch_forward`` / ``torch_backward`` (``autograd.py``): hand-written
+  backward, dropout as a seed; the ``peftlite::lora_forward`` custom op under ``torch.compile``
+  (``fullgraph=True``), an ``autograd.Function`` in eager training.
 - ``triton``: the Triton kernels of ``triton_lora.py`` (CUDA tensors; CPU tensors run through
   Triton's interpreter when ``TRITON_INTERPRET=1`` is set before peftlite first uses them), as
-  the ``peftlite::lora_triton_forward`` custom op.
+  ``peftlite::lora_triton_forward`` (the same three entries).
 - ``reference``: plain autograd over ``reference.lora_forward`` with the same dropout mask (drawn
   from the same seed as a dense mask): slow, obviously correct, for checking the fast path.
 
