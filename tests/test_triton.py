@@ -134,3 +134,15 @@ def test_shape_space(m, k, n, r, dtype, p, scaling):
     expected, magnitude = references(x, weight, bias, a, b, scaling, grad, keep)
     for got, want, mag in zip((y, x.grad, a.grad, b.grad), expected, magnitude):
         assert_within_rounding(got, want, 4 * mag, dtype)
+
+
+@pytest.mark.parametrize("m, k, n", [(2**20, 2**11, 16), (2**20, 16, 2**11), (16, 2**16, 2**15)])
+def test_shapes_past_int32_offsets_are_refused_before_any_launch(m, k, n):
+    """Meta tensors: nothing is allocated; the check comes before any kernel."""
+    x, weight = torch.empty(m, k, device="meta"), torch.empty(n, k, device="meta")
+    a, b = torch.empty(4, k, device="meta"), torch.empty(n, 4, device="meta")
+    with pytest.raises(peftlite.PeftliteError, match="PEFTLITE_BACKEND=torch"):
+        triton_lora.forward(x, weight, None, a, b, 1.0, 0.0, draw_seed(0.0))
+    with pytest.raises(peftlite.PeftliteError, match="int32 offsets"):
+        triton_lora.backward(torch.empty(m, n, device="meta"), x, weight, a, b, torch.empty(m, 4, device="meta"),
+                             1.0, 0.0, draw_seed(0.0), True, True, True)

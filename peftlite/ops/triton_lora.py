@@ -28,7 +28,9 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-MAX_OFFSET = 2**31  # tl.rand counters are int32: M * K must stay below
+from ..errors import PeftliteError
+
+MAX_OFFSET = 2**31  # offsets and tl.rand counters are int32: M*K, M*N and N*K must stay below
 DECODE_ROWS = 16  # up to this many rows (tokens), the forward is one launch (_decode_kernel)
 
 
@@ -200,17 +202,21 @@ def seed32(seed: Tensor) -> int:
     return int(seed) & 0x7FFFFFFF
 
 
-def check_size(rows: int, cols: int) -> None:
-    if rows * cols >= MAX_OFFSET:
-        raise ValueError(f"the Triton LoRA kernels index dropout by int32 counters; {rows} x {cols} inputs are too "
-                         "large. Use PEFTLITE_BACKEND=torch for this layer.")
+def check_size(m: int, k: int, n: int) -> None:
+    """Refuse shapes whose element offsets (and dropout counters) would overflow the kernels' int32 arithmetic."""
+    for name, elements in (("x [M, K]", m * k), ("y [M, N]", m * n), ("W [N, K]", n * k)):
+        if elements >= MAX_OFFSET:
+            raise PeftliteError(
+                f"the Triton LoRA kernels index with int32 offsets; {name} with M={m}, K={k}, N={n} has {elements} "
+                f"elements (limit {MAX_OFFSET - 1}). Run this layer on the torch path (PEFTLITE_BACKEND=torch), or "
+                "split the batch into smaller chunks.")
 
 
 def forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tensor, lora_B: Tensor, scaling: float,
             dropout: float, seed: Tensor) -> tuple[Tensor, Tensor]:
     """``(y, t)`` as ``autograd.lora_forward`` computes them; x [M, K] contiguous."""
     (M, K), N, R = x.shape, weight.shape[0], lora_A.shape[0]
-    check_size(M, K)
+    check_size(M, K, N)
     b, pr = blocks(x.dtype, R, x.device), precision(x.dtype, x.device)
     weight, lora_A, lora_B = weight.contiguous(), lora_A.contiguous(), lora_B.contiguous()
     t = x.new_empty(M, R)
@@ -237,6 +243,7 @@ def backward(grad: Tensor, x: Optional[Tensor], weight: Optional[Tensor], lora_A
     """``(dx, dA, dB)`` as ``autograd.lora_backward`` returns them (empty where not needed)."""
     s = scaling / (1.0 - dropout)
     (M, N), K, R = grad.shape, lora_A.shape[1], lora_A.shape[0]
+    check_size(M, K, N)
     b, pr = blocks(grad.dtype, R, grad.device), precision(grad.dtype, grad.device)
     dx, d_a, d_b = (grad.new_empty((0,)) for _ in range(3))
     if need_b:
@@ -246,7 +253,6 @@ def backward(grad: Tensor, x: Optional[Tensor], weight: Optional[Tensor], lora_A
     dt = torch.mm(grad, lora_B).mul_(s)  # [M, r]
     lora_A = lora_A.contiguous()
     if need_x:
-        check_size(M, K)
         weight = weight.contiguous()
         dx = grad.new_empty(M, K)
         grid = (triton.cdiv(M, b["BM"]), triton.cdiv(K, b["BK"]))
