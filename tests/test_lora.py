@@ -148,6 +148,23 @@ def test_dropout_applies_to_the_adapter_input_only(p):
     assert_close_scaled(layer(x), reference(x, layer), torch.float32)
 
 
+@pytest.mark.parametrize("p", [0.0, 0.3])
+@pytest.mark.parametrize("out_features", [7, 16, 40])  # narrower, as wide as, wider than the input
+def test_output_can_be_modified_in_place(p, out_features):
+    """Models write into layer outputs (``y += residual``, ``y *= scale``); gradients stay right."""
+    layer = make_layer(16, out_features, 4, dropout=p)
+    x = torch.randn(3, 5, 16, requires_grad=True)
+    keep = keep_mask((15, 16), p, 7).view(3, 5, 16) if p else None
+    torch.manual_seed(7)
+    y = layer(x)
+    y.mul_(2.0).add_(1.0)
+    grad_out = torch.randn_like(y)
+    y.backward(grad_out)
+    expected = reference_grads(x, layer, 2.0 * grad_out, keep)
+    for got, want in zip((x.grad, layer.lora_A.grad, layer.lora_B.grad), expected):
+        torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+
+
 def test_autocast_bfloat16():
     layer = make_layer(16, 8, 4)
     x = torch.randn(5, 16)

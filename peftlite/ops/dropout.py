@@ -104,10 +104,12 @@ def spare_slot(rows: int, cols: int, like: torch.Tensor) -> tuple[torch.Tensor, 
     """``(matrix, flat)``: a new [rows, cols] tensor and its storage as a flat tensor one element longer.
 
     ``flat.index_fill_(0, drop_positions_padded(...), 0)`` zeroes the matrix's dropped elements;
-    the padding positions land on the spare element.
+    the padding positions land on the spare element. ``matrix`` shares the storage but is not a
+    view (``set_``, not slicing): it may be returned from an autograd Function and then modified
+    in place by the caller.
     """
     flat = like.new_empty(rows * cols + 1)
-    return flat[: rows * cols].view(rows, cols), flat
+    return like.new_empty(0).set_(flat.untyped_storage(), 0, (rows, cols), (cols, 1)), flat
 
 
 def draw_seed(p: float) -> torch.Tensor:
