@@ -146,3 +146,12 @@ def test_training_with_dropout_does_not_synchronize_on_cuda():
         lora_linear(x, weight, bias, a, b, 1.5, 0.1).sum().backward()
     finally:
         torch.cuda.set_sync_debug_mode("default")
+
+
+def test_double_backward_is_refused_not_silently_wrong():
+    x, weight, bias, a, b = tensors(6, 5, 4, 2, torch.float64)
+    x.requires_grad_(True)
+    a.requires_grad_(True)
+    (dx,) = torch.autograd.grad(lora_linear(x, weight, bias, a, b, 1.5).pow(2).sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="differentiate twice"):
+        dx.sum().backward()

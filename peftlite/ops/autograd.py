@@ -24,6 +24,7 @@ from typing import NamedTuple, Optional  # not `X | None`: torch.library reads a
 
 import torch
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 from .dropout import draw_seed, drop_positions_padded, spare_slot
 
@@ -147,7 +148,7 @@ def define_ops(name: str, forward_impl, backward_impl) -> Kernels:
             ctx.mark_non_differentiable(output[1])
             return output
 
-        backward = staticmethod(backward_with(backward_impl))
+        backward = staticmethod(once_differentiable(backward_with(backward_impl)))  # no double backward
 
     Eager.__name__ = Eager.__qualname__ = f"{name}_function"
     return Kernels(forward_op, backward_op, Eager, forward_impl)
