@@ -55,12 +55,15 @@ def test_forward_backward_match_reference(dtype, m, k, n, r, p, entry):
 
 @pytest.mark.parametrize("flags", list(itertools.product([False, True], repeat=5)))
 @pytest.mark.parametrize("entry", ENTRIES)
-def test_only_requested_gradients_are_computed(flags, entry):
+@pytest.mark.parametrize("p", [0.0, 0.3])
+def test_only_requested_gradients_are_computed(flags, entry, p):
+    """Every needs_input_grad combination, with and without dropout (whose backward shares one buffer)."""
     values = tensors(6, 5, 4, 2, torch.float64)
     inputs = [t.clone().requires_grad_(f) for t, f in zip(values, flags)]
     expected = [t.clone().requires_grad_(f) for t, f in zip(values, flags)]
-    y = run(entry, *inputs, 0.7)
-    y_ref = lora_forward(*expected, 0.7)
+    torch.manual_seed(3)
+    y = run(entry, *inputs, 0.7, p)
+    y_ref = lora_forward(*expected, 0.7, keep_mask((6, 5), p, 3) if p else None)
     torch.testing.assert_close(y, y_ref)
     if not any(flags):
         assert not y.requires_grad
