@@ -18,7 +18,8 @@ Backward, with g = dL/dy (``dt = s' g B`` and ``dB = s' g^T t`` are small cuBLAS
 
 Saved for backward: x, t, A, B, W and the seed, as on the torch path. Accumulation is float32;
 inputs bf16, fp16 or fp32 (fp32 products in IEEE precision, not TF32). The rank is padded to a
-power of two >= 16 for ``tl.dot``. Block sizes are fixed per dtype (not autotuned).
+power of two >= 16 for ``tl.dot``. Tiles and warps are fixed per kernel and dtype (``CUDA_TILES``), chosen
+from sm_90 compiler output, not autotuned.
 """
 
 from typing import Optional  # not `X | None`: these signatures become op schemas (torch >= 2.4)
@@ -75,7 +76,16 @@ def _forward_kernel(x_ptr, w_ptr, bias_ptr, t_ptr, b_ptr, y_ptr, M, N, K, R, str
                     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BR: tl.constexpr):
     rows = tl.program_id(0) * BM + tl.arange(0, BM)
     outs = tl.program_id(1) * BN + tl.arange(0, BN)
-    acc = tl.zeros((BM, BN), dtype=tl.float32)
+    ranks = tl.arange(0, BR)
+    # The low-rank term and the bias first: the GEMM then accumulates onto them, so no second [BM, BN]
+    # fp32 tile is alive beside the accumulator (that doubled register use and spilled).
+    t = tl.load(t_ptr + rows[:, None] * stride_t + ranks[None, :], mask=(rows[:, None] < M) & (ranks[None, :] < R),
+                other=0.0)
+    b_t = tl.load(b_ptr + outs[None, :] * stride_b + ranks[:, None], mask=(outs[None, :] < N) & (ranks[:, None] < R),
+                  other=0.0)  # B^T tile [BR, BN]
+    acc = scale * _dot(t, b_t, PRECISION, UPCAST)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + outs, mask=outs < N, other=0.0).to(tl.float32)[None, :]
     for k0 in range(0, K, BK):
         cols = k0 + tl.arange(0, BK)
         x = tl.load(x_ptr + rows[:, None] * stride_x + cols[None, :],
@@ -83,14 +93,6 @@ def _forward_kernel(x_ptr, w_ptr, bias_ptr, t_ptr, b_ptr, y_ptr, M, N, K, R, str
         w_t = tl.load(w_ptr + outs[None, :] * stride_w + cols[:, None],
                       mask=(outs[None, :] < N) & (cols[:, None] < K), other=0.0)  # W^T tile [BK, BN]
         acc += _dot(x, w_t, PRECISION, UPCAST)
-    ranks = tl.arange(0, BR)
-    t = tl.load(t_ptr + rows[:, None] * stride_t + ranks[None, :], mask=(rows[:, None] < M) & (ranks[None, :] < R),
-                other=0.0)
-    b_t = tl.load(b_ptr + outs[None, :] * stride_b + ranks[:, None], mask=(outs[None, :] < N) & (ranks[:, None] < R),
-                  other=0.0)  # B^T tile [BR, BN]
-    acc += scale * _dot(t, b_t, PRECISION, UPCAST)
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + outs, mask=outs < N, other=0.0).to(tl.float32)[None, :]
     tl.store(y_ptr + rows[:, None] * stride_y + outs[None, :], acc.to(y_ptr.dtype.element_ty),
              mask=(rows[:, None] < M) & (outs[None, :] < N))
 
@@ -136,7 +138,15 @@ def _dx_kernel(g_ptr, w_ptr, dt_ptr, a_ptr, dx_ptr, M, N, K, R, stride_g, stride
                BN: tl.constexpr, BK: tl.constexpr, BR: tl.constexpr):
     rows = tl.program_id(0) * BM + tl.arange(0, BM)
     cols = tl.program_id(1) * BK + tl.arange(0, BK)
-    acc = tl.zeros((BM, BK), dtype=tl.float32)
+    ranks = tl.arange(0, BR)
+    # The masked low-rank term first, then the GEMM accumulates onto it (one [BM, BK] fp32 tile alive).
+    dt = tl.load(dt_ptr + rows[:, None] * stride_dt + ranks[None, :],
+                 mask=(rows[:, None] < M) & (ranks[None, :] < R), other=0.0)
+    a = tl.load(a_ptr + ranks[:, None] * stride_a + cols[None, :], mask=(ranks[:, None] < R) & (cols[None, :] < K),
+                other=0.0)
+    acc = _dot(dt, a, PRECISION, UPCAST)
+    if DROPOUT:
+        acc = tl.where(_keep(seed, rows, cols, K, p), acc, 0.0)
     for n0 in range(0, N, BN):
         outs = n0 + tl.arange(0, BN)
         g = tl.load(g_ptr + rows[:, None] * stride_g + outs[None, :],
@@ -144,15 +154,7 @@ def _dx_kernel(g_ptr, w_ptr, dt_ptr, a_ptr, dx_ptr, M, N, K, R, stride_g, stride
         w = tl.load(w_ptr + outs[:, None] * stride_w + cols[None, :],
                     mask=(outs[:, None] < N) & (cols[None, :] < K), other=0.0)  # W tile [BN, BK]
         acc += _dot(g, w, PRECISION, UPCAST)
-    ranks = tl.arange(0, BR)
-    dt = tl.load(dt_ptr + rows[:, None] * stride_dt + ranks[None, :],
-                 mask=(rows[:, None] < M) & (ranks[None, :] < R), other=0.0)
-    a = tl.load(a_ptr + ranks[:, None] * stride_a + cols[None, :], mask=(ranks[:, None] < R) & (cols[None, :] < K),
-                other=0.0)
-    low = _dot(dt, a, PRECISION, UPCAST)
-    if DROPOUT:
-        low = tl.where(_keep(seed, rows, cols, K, p), low, 0.0)
-    tl.store(dx_ptr + rows[:, None] * stride_dx + cols[None, :], (acc + low).to(dx_ptr.dtype.element_ty),
+    tl.store(dx_ptr + rows[:, None] * stride_dx + cols[None, :], acc.to(dx_ptr.dtype.element_ty),
              mask=(rows[:, None] < M) & (cols[None, :] < K))
 
 
@@ -183,13 +185,31 @@ def _keep_kernel(out_ptr, M, K, seed, p, BM: tl.constexpr, BK: tl.constexpr):
              mask=(rows[:, None] < M) & (cols[None, :] < K))
 
 
-def blocks(dtype: torch.dtype, rank: int, device: torch.device) -> dict:
-    """Tile sizes: small under the interpreter (CPU tensors), GEMM-sized on the GPU."""
-    ranks = max(16, triton.next_power_of_2(rank))
-    if device.type != "cuda":
-        return {"BM": 16, "BN": 16, "BK": 16, "BR": ranks}
-    wide = 64 if dtype == torch.float32 else 128
-    return {"BM": 128, "BN": wide, "BK": 32 if dtype == torch.float32 else 64, "BR": ranks}
+# Tiles and warps per kernel on CUDA, (16-bit inputs, float32 inputs). Chosen from what the compiler
+# reports for sm_90 (H100), tests/test_triton_sm90.py: no register spills in the aligned specializations,
+# pipelined loads, shared memory within the SM's, and at least 128 programs at the reference shape
+# (M = 8192, 4096 -> 4096; an H100 has 132 SMs): the skinny kernels split their long dimension finely.
+# Runtime speed is not measured yet (no GPU was available): retune with benchmarks/gpu.sh.
+CUDA_TILES = {
+    "forward": ({"BM": 128, "BN": 128, "BK": 64}, {"BM": 128, "BN": 64, "BK": 32}),  # (M/BM) x (N/BN) programs
+    "dx": ({"BM": 128, "BN": 128, "BK": 64}, {"BM": 128, "BN": 64, "BK": 32}),  # (M/BM) x (K/BK)
+    "decode": ({"BM": DECODE_ROWS, "BN": 32, "BK": 128}, {"BM": DECODE_ROWS, "BN": 32, "BK": 64}),  # N/BN
+    "t": ({"BM": 64, "BK": 64}, {"BM": 64, "BK": 32}),  # M/BM
+    "da": ({"BM": 64, "BK": 32}, {"BM": 32, "BK": 32}),  # K/BK
+}
+CUDA_WARPS = 8
+INTERPRETER_TILES = {"BM": 16, "BN": 16, "BK": 16}  # CPU tensors: small tiles, the interpreter is slow
+
+
+def config(kernel: str, dtype: torch.dtype, rank: int, device: torch.device) -> dict:
+    """Launch settings of ``kernel`` ("forward", "dx", "decode", "t", "da"): tile constexprs (the rank padded
+    to a power of two >= 16 for ``tl.dot``) and, on CUDA, ``num_warps``."""
+    tiles = CUDA_TILES[kernel][dtype == torch.float32] if device.type == "cuda" else {
+        name: INTERPRETER_TILES[name] for name in CUDA_TILES[kernel][0]}
+    if kernel == "decode":
+        tiles = {**tiles, "BM": DECODE_ROWS}
+    warps = {"num_warps": CUDA_WARPS} if device.type == "cuda" else {}
+    return {**tiles, "BR": max(16, triton.next_power_of_2(rank)), **warps}
 
 
 def precision(dtype: torch.dtype, device: torch.device) -> dict:
@@ -217,23 +237,25 @@ def forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tensor, l
     """``(y, t)`` as ``autograd.lora_forward`` computes them; x [M, K] contiguous."""
     (M, K), N, R = x.shape, weight.shape[0], lora_A.shape[0]
     check_size(M, K, N)
-    b, pr = blocks(x.dtype, R, x.device), precision(x.dtype, x.device)
+    pr = precision(x.dtype, x.device)
     weight, lora_A, lora_B = weight.contiguous(), lora_A.contiguous(), lora_B.contiguous()
     t = x.new_empty(M, R)
     y = x.new_empty(M, N)
     if M <= DECODE_ROWS:
-        _decode_kernel[(triton.cdiv(N, b["BN"]),)](
+        c = config("decode", x.dtype, R, x.device)
+        _decode_kernel[(triton.cdiv(N, c["BN"]),)](
             x, weight, bias if bias is not None else x, lora_A, lora_B, y, t, M, N, K, R, x.stride(0), weight.stride(0),
             lora_A.stride(0), lora_B.stride(0), y.stride(0), t.stride(0), scaling / (1.0 - dropout), seed32(seed),
-            dropout, HAS_BIAS=bias is not None, DROPOUT=dropout > 0, **pr, **{**b, "BM": DECODE_ROWS})
+            dropout, HAS_BIAS=bias is not None, DROPOUT=dropout > 0, **pr, **c)
         return y, t
-    _t_kernel[(triton.cdiv(M, b["BM"]),)](x, lora_A, t, M, K, R, x.stride(0), lora_A.stride(0), t.stride(0),
-                                          seed32(seed), dropout, DROPOUT=dropout > 0, **pr, BM=b["BM"],
-                                          BK=b["BK"], BR=b["BR"])
-    grid = (triton.cdiv(M, b["BM"]), triton.cdiv(N, b["BN"]))
+    c = config("t", x.dtype, R, x.device)
+    _t_kernel[(triton.cdiv(M, c["BM"]),)](x, lora_A, t, M, K, R, x.stride(0), lora_A.stride(0), t.stride(0),
+                                          seed32(seed), dropout, DROPOUT=dropout > 0, **pr, **c)
+    c = config("forward", x.dtype, R, x.device)
+    grid = (triton.cdiv(M, c["BM"]), triton.cdiv(N, c["BN"]))
     _forward_kernel[grid](x, weight, bias if bias is not None else x, t, lora_B, y, M, N, K, R, x.stride(0),
                           weight.stride(0), t.stride(0), lora_B.stride(0), y.stride(0), scaling / (1.0 - dropout),
-                          HAS_BIAS=bias is not None, **pr, **b)
+                          HAS_BIAS=bias is not None, **pr, **c)
     return y, t
 
 
@@ -244,7 +266,7 @@ def backward(grad: Tensor, x: Optional[Tensor], weight: Optional[Tensor], lora_A
     s = scaling / (1.0 - dropout)
     (M, N), K, R = grad.shape, lora_A.shape[1], lora_A.shape[0]
     check_size(M, K, N)
-    b, pr = blocks(grad.dtype, R, grad.device), precision(grad.dtype, grad.device)
+    pr = precision(grad.dtype, grad.device)
     dx, d_a, d_b = (grad.new_empty((0,)) for _ in range(3))
     if need_b:
         d_b = torch.mm(grad.t(), t).mul_(s)  # [N, r]
@@ -255,15 +277,15 @@ def backward(grad: Tensor, x: Optional[Tensor], weight: Optional[Tensor], lora_A
     if need_x:
         weight = weight.contiguous()
         dx = grad.new_empty(M, K)
-        grid = (triton.cdiv(M, b["BM"]), triton.cdiv(K, b["BK"]))
+        c = config("dx", grad.dtype, R, grad.device)
+        grid = (triton.cdiv(M, c["BM"]), triton.cdiv(K, c["BK"]))
         _dx_kernel[grid](grad, weight, dt, lora_A, dx, M, N, K, R, grad.stride(0), weight.stride(0), dt.stride(0),
-                         lora_A.stride(0), dx.stride(0), seed32(seed), dropout, DROPOUT=dropout > 0, **pr,
-                         **b)
+                         lora_A.stride(0), dx.stride(0), seed32(seed), dropout, DROPOUT=dropout > 0, **pr, **c)
     if need_a:
         d_a = torch.empty(R, K, dtype=lora_A.dtype, device=grad.device)
-        _da_kernel[(triton.cdiv(K, b["BK"]),)](dt, x, d_a, M, K, R, dt.stride(0), x.stride(0), d_a.stride(0),
-                                               seed32(seed), dropout, DROPOUT=dropout > 0, **pr,
-                                               BM=b["BM"], BK=b["BK"], BR=b["BR"])
+        c = config("da", grad.dtype, R, grad.device)
+        _da_kernel[(triton.cdiv(K, c["BK"]),)](dt, x, d_a, M, K, R, dt.stride(0), x.stride(0), d_a.stride(0),
+                                               seed32(seed), dropout, DROPOUT=dropout > 0, **pr, **c)
     return dx, d_a, d_b
 
 
