@@ -30,6 +30,9 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402
+
 from peftlite.ops import triton_lora  # noqa: E402
 
 H100 = GPUTarget("cuda", 90, 32)
@@ -109,7 +112,7 @@ def main():
                         help="JSON path, or - for standard output")
     args = parser.parse_args()
     found = rows()
-    result = {"meta": {"target": "cuda sm_90", "triton": triton.__version__, "torch": torch.__version__},
+    result = {"meta": common.metadata(benchmark="triton_sm90", target="cuda sm_90 (compiled on the host above)"),
               "rows": found}
     if args.out == "-":
         json.dump(result, sys.stdout)
