@@ -21,7 +21,7 @@ step() {  # step NAME SECONDS COMMAND...: run with a time limit, keep its output
 }
 
 step gpu 20 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
-step gpu-tests 200 python -m pytest tests/test_triton.py tests/test_autograd.py tests/test_compile.py -q -x
+step gpu-tests 180 python -m pytest tests/test_triton.py tests/test_autograd.py tests/test_compile.py -q -x
 layer="python benchmarks/bench_lora_layer.py --device cuda --dtype bfloat16 --rounds 30 --warmup 5 --inner 3"
 # The reference shape (issue targets), then two more shapes for the torch-vs-Triton dispatch table.
 step layer-cuda 120 $layer --m 8192 --k 4096 --n 4096 --ranks 16 64 --dropouts 0 0.1 --decode 1 16 \
