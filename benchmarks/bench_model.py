@@ -12,6 +12,10 @@ parameters and saved-activation bytes. Writes benchmarks/results/model-<device>.
 
 import argparse
 import copy
+import ctypes
+import gc
+import json
+import subprocess
 import sys
 from pathlib import Path
 
@@ -99,12 +103,56 @@ def infer_step(model, embeds):
     return step
 
 
-def run(args) -> list[dict]:
+def setup(args):
+    """(contenders, token ids, input embeddings that require grad)."""
     base = build_base(args)
     models = contenders(base, args)
     torch.manual_seed(1)
     ids = torch.randint(0, args.vocab, (args.batch, args.seq), device=args.device)
     embeds = base.get_input_embeddings()(ids).detach().requires_grad_(True)
+    return models, ids, embeds
+
+
+def resident_kib(field: str) -> int:
+    """``VmRSS`` (now) or ``VmHWM`` (peak since the last reset) of this process, from /proc/self/status."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"/proc/self/status has no {field}")
+
+
+def rss_child(args) -> None:
+    """``--rss-of NAME`` (a fresh process): how far 3 training steps of one contender raise resident memory.
+
+    The other contenders are dropped and freed heap memory is handed back to the OS (``malloc_trim``),
+    so the steps cannot hide in memory left over from building; then the peak counter is reset
+    (``/proc/self/clear_refs``) and the steps' peak is read against the resident size before them.
+    """
+    models, ids, embeds = setup(args)
+    model = models.pop(args.rss_of).train()
+    models.clear()
+    gc.collect()
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+    step = train_step(model, embeds, ids)
+    Path("/proc/self/clear_refs").write_text("5")
+    before = resident_kib("VmRSS")
+    for _ in range(3):
+        step()
+    print(json.dumps({"peak_rss_bytes": (resident_kib("VmHWM") - before) * 1024}))
+
+
+def peak_rss_bytes(names) -> dict[str, int]:
+    """Per contender, in its own process (RSS peaks are per process): CPU peak memory of a training step."""
+    found = {}
+    for name in names:
+        done = subprocess.run([sys.executable, __file__, *sys.argv[1:], "--rss-of", name], capture_output=True,
+                              text=True, check=True)
+        found[name] = json.loads(done.stdout.strip().splitlines()[-1])["peak_rss_bytes"]
+    return found
+
+
+def run(args) -> list[dict]:
+    models, ids, embeds = setup(args)
     shape = {"batch": args.batch, "seq": args.seq, "hidden": args.hidden, "layers": args.layers,
              "heads": args.heads, "kv_heads": args.heads // 2, "rank": args.rank, "prefix_len": args.prefix,
              "dtype": args.dtype}
@@ -113,6 +161,7 @@ def run(args) -> list[dict]:
     steps = {name: train_step(model, embeds, ids) for name, model in models.items()}
     train = common.interleaved(steps, args.rounds, args.warmup)
     peak = {name: peak_bytes(step) for name, step in steps.items()}
+    rss = peak_rss_bytes(models) if args.device == "cpu" and Path("/proc/self/clear_refs").exists() else {}
     saved = {name: common.saved_activation_bytes(lambda m=model: m(inputs_embeds=embeds, labels=ids).loss)
              for name, model in models.items()}
     for model in models.values():
@@ -131,6 +180,8 @@ def run(args) -> list[dict]:
                 row["saved_bytes"] = saved[name]
                 if peak[name] is not None:
                     row["peak_bytes"] = peak[name]
+                if name in rss:
+                    row["peak_rss_bytes"] = rss[name]
             rival = rivals(args).get(name)
             if rival in times:
                 row["peft_time_over_this"] = common.summarize({name: times[name], rival: times[rival]}, name,
@@ -140,13 +191,15 @@ def run(args) -> list[dict]:
 
 
 def print_table(rows):
-    print(f"{'mode':<11} {'contender':<17} {'trainable':>10} {'median ms':>10} {'x base':>7} {'PEFT/this':>9} "
-          f"{'saved MiB':>10}")
+    print(f"{'mode':<11} {'contender':<19} {'trainable':>10} {'median ms':>10} {'x base':>7} {'PEFT/this':>9} "
+          f"{'saved MiB':>10} {'peak MiB':>9}")
     for r in rows:
         saved = f"{r['saved_bytes'] / 2**20:10.1f}" if "saved_bytes" in r else " " * 10
         rival = f"{r['peft_time_over_this']:9.3f}" if "peft_time_over_this" in r else " " * 9
-        print(f"{r['mode']:<11} {r['contender']:<17} {r['trainable']:>10,} {r['median_ms']:>10.1f} "
-              f"{r['ratio_vs_base']:>7.3f} {rival} {saved}")
+        peak = r.get("peak_rss_bytes", r.get("peak_bytes"))
+        peak = f"{peak / 2**20:9.1f}" if peak is not None else ""
+        print(f"{r['mode']:<11} {r['contender']:<19} {r['trainable']:>10,} {r['median_ms']:>10.1f} "
+              f"{r['ratio_vs_base']:>7.3f} {rival} {saved} {peak}")
 
 
 def main():
@@ -160,8 +213,13 @@ def main():
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--prefix", type=int, default=16)
     parser.add_argument("--lora-dropouts", type=float, nargs="+", default=[0.0, 0.1])
+    parser.add_argument("--rss-of", default=None, help=argparse.SUPPRESS)  # internal: peak_rss_bytes' child
     common.add_run_options(parser, rounds=20, warmup=3)
     args = parser.parse_args()
+    if args.rss_of:
+        torch.set_num_threads(args.threads)
+        rss_child(args)
+        return
     common.run_and_report(args, run, print_table, "model", "model")
 
 if __name__ == "__main__":
