@@ -161,7 +161,8 @@ def run(args) -> list[dict]:
     steps = {name: train_step(model, embeds, ids) for name, model in models.items()}
     train = common.interleaved(steps, args.rounds, args.warmup)
     peak = {name: peak_bytes(step) for name, step in steps.items()}
-    rss = peak_rss_bytes(models) if args.device == "cpu" and Path("/proc/self/clear_refs").exists() else {}
+    measure_rss = args.device == "cpu" and not args.no_peak_rss and Path("/proc/self/clear_refs").exists()
+    rss = peak_rss_bytes(models) if measure_rss else {}
     saved = {name: common.saved_activation_bytes(lambda m=model: m(inputs_embeds=embeds, labels=ids).loss)
              for name, model in models.items()}
     for model in models.values():
@@ -213,6 +214,7 @@ def main():
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--prefix", type=int, default=16)
     parser.add_argument("--lora-dropouts", type=float, nargs="+", default=[0.0, 0.1])
+    parser.add_argument("--no-peak-rss", action="store_true", help="skip the per-contender peak memory (CPU)")
     parser.add_argument("--rss-of", default=None, help=argparse.SUPPRESS)  # internal: peak_rss_bytes' child
     common.add_run_options(parser, rounds=20, warmup=3)
     args = parser.parse_args()

@@ -1,0 +1,40 @@
+"""The benchmark scripts run end to end (tiny sizes, one round) and write the JSON they promise.
+
+Timings at these sizes mean nothing; this only keeps the scripts working as the library changes.
+"""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+TINY = {
+    "bench_lora_layer.py": ["--m", "24", "--k", "16", "--n", "12", "--ranks", "4", "--decode", "1"],
+    "bench_model.py": ["--hidden", "32", "--layers", "1", "--heads", "2", "--vocab", "64", "--batch", "1", "--seq", "8",
+                       "--rank", "2", "--prefix", "2", "--no-peak-rss"],
+    "bench_merge.py": ["--cycles", "3", "--size", "16", "--rank", "2"],
+}
+
+
+@pytest.mark.parametrize("script", list(TINY))
+def test_benchmark_runs_and_writes_rows(script, tmp_path):
+    pytest.importorskip("peft")
+    out = tmp_path / "result.json"
+    timing = [] if script == "bench_merge.py" else ["--rounds", "1", "--warmup", "0"]
+    subprocess.run([sys.executable, str(BENCHMARKS / script), *TINY[script], *timing, "--out", str(out)],
+                   check=True, capture_output=True, text=True)
+    result = json.loads(out.read_text())
+    assert result["meta"]["commit"] and result["meta"]["versions"]["torch"]
+    assert result["rows"] and all("contender" in row for row in result["rows"])
+
+
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux /proc")
+def test_model_peak_memory_child_reports_bytes():
+    pytest.importorskip("peft")
+    done = subprocess.run([sys.executable, str(BENCHMARKS / "bench_model.py"), *TINY["bench_model.py"],
+                           "--rss-of", "peftlite lora"], check=True, capture_output=True, text=True)
+    peak = json.loads(done.stdout.strip().splitlines()[-1])["peak_rss_bytes"]
+    assert isinstance(peak, int) and peak >= 0
