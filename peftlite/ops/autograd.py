@@ -38,23 +38,21 @@ def torch_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Ten
     ``s' = scaling / (1 - dropout)``: inverted dropout's factor, folded into the scale.
     """
     s = scaling / (1.0 - dropout)
-    if not dropout:
-        t = torch.mm(x, lora_A.t())  # [M, r]
-        y = torch.mm(t, lora_B.t() * s) if bias is None else torch.addmm(bias, t, lora_B.t(), alpha=s)
-        return y.addmm_(x, weight.t()), t  # the big GEMM accumulates: no extra pass over y
-    rows, cols, n = *x.shape, weight.shape[0]
-    y, y_flat = spare_slot(rows, n, x)
-    drop = drop_positions_padded(x.numel(), dropout, int(seed), x.device)
-    # h (x with drops zeroed) is built in y's storage when it fits: y is written only after t = h A^T
-    h, h_flat = (y_flat[: x.numel()].view_as(x), y_flat) if n >= cols else spare_slot(rows, cols, x)
-    h.copy_(x)
-    h_flat.index_fill_(0, drop, 0)
-    t = torch.mm(h, lora_A.t())
+    h, y = x, None
+    if dropout:
+        rows, cols, n = *x.shape, weight.shape[0]
+        y, y_flat = spare_slot(rows, n, x)
+        drop = drop_positions_padded(x.numel(), dropout, int(seed), x.device)
+        # h (x with drops zeroed) is built in y's storage when it fits: y is written only after t = h A^T
+        h, h_flat = (y_flat[: x.numel()].view_as(x), y_flat) if n >= cols else spare_slot(rows, cols, x)
+        h.copy_(x)
+        h_flat.index_fill_(0, drop, 0)
+    t = torch.mm(h, lora_A.t())  # [M, r]
     if bias is None:
-        torch.mm(t, lora_B.t() * s, out=y)
+        y = torch.mm(t, lora_B.t() * s, out=y)
     else:
-        torch.addmm(bias, t, lora_B.t(), alpha=s, out=y)
-    return y.addmm_(x, weight.t()), t
+        y = torch.addmm(bias, t, lora_B.t(), alpha=s, out=y)
+    return y.addmm_(x, weight.t()), t  # the big GEMM accumulates: no extra pass over y
 
 
 def torch_backward(grad: Tensor, x: Optional[Tensor], weight: Optional[Tensor], lora_A: Tensor, lora_B: Tensor,

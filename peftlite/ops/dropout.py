@@ -57,17 +57,22 @@ def uniform(seed: int, start: int, count: int, device=None) -> torch.Tensor:
     return numbers[skip: skip + count].mul_(2.0 ** -24)
 
 
+def steps(seed: int, start: int, count: int, p: float, device=None) -> torch.Tensor:
+    """Distances ``1 + Geometric(p)`` from one dropped position to the next, int64: numbers ``start ..
+    start + count - 1`` of stream ``seed``, each ``floor(log(1 - U) / log(1 - p)) + 1``."""
+    gaps = uniform(seed, start, count, device).neg_().log1p_().mul_(1.0 / math.log1p(-p)).floor_()
+    return gaps.to(torch.int64).add_(1)
+
+
 def drop_positions(numel: int, p: float, seed: int, device=None) -> torch.Tensor:
     """Sorted flat indices in ``[0, numel)``, each present independently with probability ``p``."""
     if not 0 < p < 1:
         raise ValueError(f"drop probability must be in (0, 1), got {p}")
-    inv_log_keep = 1.0 / math.log1p(-p)
     chunks, end, drawn = [], -1, 0  # `end`: the last position drawn so far; `drawn`: numbers used
     while end < numel - 1:
         expected = (numel - 1 - end) * p  # drops still to come; draw a few sigma more so one round nearly always does
         count = int(expected + 6 * math.sqrt(expected) + 64)
-        gaps = uniform(seed, drawn, count, device).neg_().log1p_().mul_(inv_log_keep).floor_()
-        positions = gaps.to(torch.int64).add_(1).cumsum_(0).add_(end)
+        positions = steps(seed, drawn, count, p, device).cumsum_(0).add_(end)
         drawn += count
         end = positions[-1].item()
         chunks.append(positions)
@@ -94,8 +99,7 @@ def drop_positions_padded(numel: int, p: float, seed: int, device=None) -> torch
     """
     if not 0 < p < 1:
         raise ValueError(f"drop probability must be in (0, 1), got {p}")
-    steps = uniform(seed, 0, draw_count(numel, p), device).neg_().log1p_().mul_(1.0 / math.log1p(-p)).floor_().add_(1)
-    positions = steps.to(torch.int64).cumsum_(0).sub_(1)  # gaps of 1 + Geometric: position i = sum of steps - 1
+    positions = steps(seed, 0, draw_count(numel, p), p, device).cumsum_(0).sub_(1)  # position i: steps 0..i, less 1
     torch._assert_async(positions[-1] >= numel - 1)
     return positions.clamp_(max=numel)
 

@@ -45,6 +45,27 @@ def _dot(a, b, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
 
 
 @triton.jit
+def _tile(ptr, rows, cols, stride, n_rows, n_cols):
+    """Tile [rows, cols] of a row-major [n_rows, n_cols] matrix with row stride ``stride``; 0 outside it."""
+    return tl.load(ptr + rows[:, None] * stride + cols[None, :],
+                   mask=(rows[:, None] < n_rows) & (cols[None, :] < n_cols), other=0.0)
+
+
+@triton.jit
+def _tile_t(ptr, rows, cols, stride, n_rows, n_cols):
+    """The same matrix's tile transposed: [cols, rows] (e.g. a W^T tile from row-major W)."""
+    return tl.load(ptr + rows[None, :] * stride + cols[:, None],
+                   mask=(rows[None, :] < n_rows) & (cols[:, None] < n_cols), other=0.0)
+
+
+@triton.jit
+def _store_tile(ptr, value, rows, cols, stride, n_rows, n_cols):
+    """Store ``value`` [rows, cols] into a row-major [n_rows, n_cols] matrix, in its dtype, inside its bounds."""
+    tl.store(ptr + rows[:, None] * stride + cols[None, :], value.to(ptr.dtype.element_ty),
+             mask=(rows[:, None] < n_rows) & (cols[None, :] < n_cols))
+
+
+@triton.jit
 def _keep(seed, rows, cols, K, p):
     """The dropout keep-mask of elements (rows, cols) of an [M, K] input."""
     return tl.rand(seed, rows[:, None] * K + cols[None, :]) >= p
@@ -59,15 +80,12 @@ def _t_kernel(x_ptr, a_ptr, t_ptr, M, K, R, stride_x, stride_a, stride_t, seed, 
     acc = tl.zeros((BM, BR), dtype=tl.float32)
     for k0 in range(0, K, BK):
         cols = k0 + tl.arange(0, BK)
-        x = tl.load(x_ptr + rows[:, None] * stride_x + cols[None, :],
-                    mask=(rows[:, None] < M) & (cols[None, :] < K), other=0.0)
+        x = _tile(x_ptr, rows, cols, stride_x, M, K)
         if DROPOUT:
             x = tl.where(_keep(seed, rows, cols, K, p), x, 0.0)
-        a_t = tl.load(a_ptr + ranks[None, :] * stride_a + cols[:, None],
-                      mask=(ranks[None, :] < R) & (cols[:, None] < K), other=0.0)  # A^T tile [BK, BR]
+        a_t = _tile_t(a_ptr, ranks, cols, stride_a, R, K)  # A^T tile [BK, BR]
         acc += _dot(x, a_t, PRECISION, UPCAST)
-    tl.store(t_ptr + rows[:, None] * stride_t + ranks[None, :], acc.to(t_ptr.dtype.element_ty),
-             mask=(rows[:, None] < M) & (ranks[None, :] < R))
+    _store_tile(t_ptr, acc, rows, ranks, stride_t, M, R)
 
 
 @triton.jit
@@ -79,22 +97,17 @@ def _forward_kernel(x_ptr, w_ptr, bias_ptr, t_ptr, b_ptr, y_ptr, M, N, K, R, str
     ranks = tl.arange(0, BR)
     # The low-rank term and the bias first: the GEMM then accumulates onto them, so no second [BM, BN]
     # fp32 tile is alive beside the accumulator (that doubled register use and spilled).
-    t = tl.load(t_ptr + rows[:, None] * stride_t + ranks[None, :], mask=(rows[:, None] < M) & (ranks[None, :] < R),
-                other=0.0)
-    b_t = tl.load(b_ptr + outs[None, :] * stride_b + ranks[:, None], mask=(outs[None, :] < N) & (ranks[:, None] < R),
-                  other=0.0)  # B^T tile [BR, BN]
+    t = _tile(t_ptr, rows, ranks, stride_t, M, R)
+    b_t = _tile_t(b_ptr, outs, ranks, stride_b, N, R)  # B^T tile [BR, BN]
     acc = scale * _dot(t, b_t, PRECISION, UPCAST)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + outs, mask=outs < N, other=0.0).to(tl.float32)[None, :]
     for k0 in range(0, K, BK):
         cols = k0 + tl.arange(0, BK)
-        x = tl.load(x_ptr + rows[:, None] * stride_x + cols[None, :],
-                    mask=(rows[:, None] < M) & (cols[None, :] < K), other=0.0)
-        w_t = tl.load(w_ptr + outs[None, :] * stride_w + cols[:, None],
-                      mask=(outs[None, :] < N) & (cols[:, None] < K), other=0.0)  # W^T tile [BK, BN]
+        x = _tile(x_ptr, rows, cols, stride_x, M, K)
+        w_t = _tile_t(w_ptr, outs, cols, stride_w, N, K)  # W^T tile [BK, BN]
         acc += _dot(x, w_t, PRECISION, UPCAST)
-    tl.store(y_ptr + rows[:, None] * stride_y + outs[None, :], acc.to(y_ptr.dtype.element_ty),
-             mask=(rows[:, None] < M) & (outs[None, :] < N))
+    _store_tile(y_ptr, acc, rows, outs, stride_y, M, N)
 
 
 @triton.jit
@@ -110,26 +123,21 @@ def _decode_kernel(x_ptr, w_ptr, bias_ptr, a_ptr, b_ptr, y_ptr, t_ptr, M, N, K, 
     t = tl.zeros((BM, BR), dtype=tl.float32)
     for k0 in range(0, K, BK):
         cols = k0 + tl.arange(0, BK)
-        x = tl.load(x_ptr + rows[:, None] * stride_x + cols[None, :],
-                    mask=(rows[:, None] < M) & (cols[None, :] < K), other=0.0)
-        w_t = tl.load(w_ptr + outs[None, :] * stride_w + cols[:, None],
-                      mask=(outs[None, :] < N) & (cols[:, None] < K), other=0.0)
+        x = _tile(x_ptr, rows, cols, stride_x, M, K)
+        w_t = _tile_t(w_ptr, outs, cols, stride_w, N, K)
         acc += _dot(x, w_t, PRECISION, UPCAST)
         if DROPOUT:
             x = tl.where(_keep(seed, rows, cols, K, p), x, 0.0)
-        a_t = tl.load(a_ptr + ranks[None, :] * stride_a + cols[:, None],
-                      mask=(ranks[None, :] < R) & (cols[:, None] < K), other=0.0)
+        a_t = _tile_t(a_ptr, ranks, cols, stride_a, R, K)
         t += _dot(x, a_t, PRECISION, UPCAST)
     t = t.to(t_ptr.dtype.element_ty)  # rounded as the two-launch path stores it
-    b_t = tl.load(b_ptr + outs[None, :] * stride_b + ranks[:, None], mask=(outs[None, :] < N) & (ranks[:, None] < R),
-                  other=0.0)
+    b_t = _tile_t(b_ptr, outs, ranks, stride_b, N, R)
     acc += scale * _dot(t, b_t, PRECISION, UPCAST)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + outs, mask=outs < N, other=0.0).to(tl.float32)[None, :]
-    tl.store(y_ptr + rows[:, None] * stride_y + outs[None, :], acc.to(y_ptr.dtype.element_ty),
-             mask=(rows[:, None] < M) & (outs[None, :] < N))
+    _store_tile(y_ptr, acc, rows, outs, stride_y, M, N)
     if tl.program_id(0) == 0:
-        tl.store(t_ptr + rows[:, None] * stride_t + ranks[None, :], t, mask=(rows[:, None] < M) & (ranks[None, :] < R))
+        _store_tile(t_ptr, t, rows, ranks, stride_t, M, R)
 
 
 @triton.jit
@@ -140,22 +148,17 @@ def _dx_kernel(g_ptr, w_ptr, dt_ptr, a_ptr, dx_ptr, M, N, K, R, stride_g, stride
     cols = tl.program_id(1) * BK + tl.arange(0, BK)
     ranks = tl.arange(0, BR)
     # The masked low-rank term first, then the GEMM accumulates onto it (one [BM, BK] fp32 tile alive).
-    dt = tl.load(dt_ptr + rows[:, None] * stride_dt + ranks[None, :],
-                 mask=(rows[:, None] < M) & (ranks[None, :] < R), other=0.0)
-    a = tl.load(a_ptr + ranks[:, None] * stride_a + cols[None, :], mask=(ranks[:, None] < R) & (cols[None, :] < K),
-                other=0.0)
+    dt = _tile(dt_ptr, rows, ranks, stride_dt, M, R)
+    a = _tile(a_ptr, ranks, cols, stride_a, R, K)
     acc = _dot(dt, a, PRECISION, UPCAST)
     if DROPOUT:
         acc = tl.where(_keep(seed, rows, cols, K, p), acc, 0.0)
     for n0 in range(0, N, BN):
         outs = n0 + tl.arange(0, BN)
-        g = tl.load(g_ptr + rows[:, None] * stride_g + outs[None, :],
-                    mask=(rows[:, None] < M) & (outs[None, :] < N), other=0.0)
-        w = tl.load(w_ptr + outs[:, None] * stride_w + cols[None, :],
-                    mask=(outs[:, None] < N) & (cols[None, :] < K), other=0.0)  # W tile [BN, BK]
+        g = _tile(g_ptr, rows, outs, stride_g, M, N)
+        w = _tile(w_ptr, outs, cols, stride_w, N, K)  # W tile [BN, BK]
         acc += _dot(g, w, PRECISION, UPCAST)
-    tl.store(dx_ptr + rows[:, None] * stride_dx + cols[None, :], acc.to(dx_ptr.dtype.element_ty),
-             mask=(rows[:, None] < M) & (cols[None, :] < K))
+    _store_tile(dx_ptr, acc, rows, cols, stride_dx, M, K)
 
 
 @triton.jit
@@ -166,23 +169,19 @@ def _da_kernel(dt_ptr, x_ptr, da_ptr, M, K, R, stride_dt, stride_x, stride_da, s
     acc = tl.zeros((BR, BK), dtype=tl.float32)
     for m0 in range(0, M, BM):
         rows = m0 + tl.arange(0, BM)
-        dt_t = tl.load(dt_ptr + rows[None, :] * stride_dt + ranks[:, None],
-                       mask=(rows[None, :] < M) & (ranks[:, None] < R), other=0.0)  # dt^T tile [BR, BM]
-        x = tl.load(x_ptr + rows[:, None] * stride_x + cols[None, :],
-                    mask=(rows[:, None] < M) & (cols[None, :] < K), other=0.0)
+        dt_t = _tile_t(dt_ptr, rows, ranks, stride_dt, M, R)  # dt^T tile [BR, BM]
+        x = _tile(x_ptr, rows, cols, stride_x, M, K)
         if DROPOUT:
             x = tl.where(_keep(seed, rows, cols, K, p), x, 0.0)
         acc += _dot(dt_t, x, PRECISION, UPCAST)
-    tl.store(da_ptr + ranks[:, None] * stride_da + cols[None, :], acc.to(da_ptr.dtype.element_ty),
-             mask=(ranks[:, None] < R) & (cols[None, :] < K))
+    _store_tile(da_ptr, acc, ranks, cols, stride_da, R, K)
 
 
 @triton.jit
 def _keep_kernel(out_ptr, M, K, seed, p, BM: tl.constexpr, BK: tl.constexpr):
     rows = tl.program_id(0) * BM + tl.arange(0, BM)
     cols = tl.program_id(1) * BK + tl.arange(0, BK)
-    tl.store(out_ptr + rows[:, None] * K + cols[None, :], _keep(seed, rows, cols, K, p).to(tl.int8),
-             mask=(rows[:, None] < M) & (cols[None, :] < K))
+    _store_tile(out_ptr, _keep(seed, rows, cols, K, p), rows, cols, K, M, K)
 
 
 # Tiles and warps per kernel on CUDA, (16-bit inputs, float32 inputs). Chosen from what the compiler
