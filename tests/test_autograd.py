@@ -36,6 +36,21 @@ def tensors(m, k, n, r, dtype, seed=0):
 @pytest.mark.parametrize("p", [0.0, 0.25])
 @pytest.mark.parametrize("entry", ENTRIES)
 def test_forward_backward_match_reference(dtype, m, k, n, r, p, entry):
+    check_against_reference(entry, dtype, m, k, n, r, p)
+
+
+@pytest.mark.parametrize("count, m", [(2, 1000), (3, 1000), (2, 2048)])
+@pytest.mark.parametrize("p", [0.0, 0.25])
+def test_weight_gradients_summed_over_row_blocks_match_reference(count, m, p):
+    before = torch.get_num_threads()
+    torch.set_num_threads(count)  # dA, dB as sums over row blocks (skinny.py) on >= 2 threads
+    try:
+        check_against_reference("function", torch.float32, m, 37, 29, 16, p)
+    finally:
+        torch.set_num_threads(before)
+
+
+def check_against_reference(entry, dtype, m, k, n, r, p):
     x, weight, bias, a, b = tensors(m, k, n, r, dtype)
     for t in (x, a, b):
         t.requires_grad_(True)

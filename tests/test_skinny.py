@@ -1,0 +1,61 @@
+"""transposed_product: a^T b summed over row blocks equals one product, within fp32 rounding."""
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from peftlite.ops.skinny import blocks, transposed_product
+from tests.models import assert_within_rounding
+
+
+@pytest.fixture
+def threads():
+    """Set torch's thread count for one test, restoring it afterwards."""
+    before = torch.get_num_threads()
+    yield torch.set_num_threads
+    torch.set_num_threads(before)
+
+
+def check(rows, rank, cols, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    a, b = torch.randn(rows, rank, generator=g), torch.randn(rows, cols, generator=g)
+    expected = a.double().t() @ b.double()
+    magnitude = a.double().abs().t() @ b.double().abs()
+    assert_within_rounding(transposed_product(a, b), expected, magnitude, torch.float32)
+
+
+@pytest.mark.parametrize("count, rows, rank, dtype, device, expected", [
+    (2, 2048, 16, torch.float32, "cpu", 8),
+    (2, 1000, 16, torch.float32, "cpu", 2),  # 3 blocks would leave a thread idle for the last
+    (3, 1000, 16, torch.float32, "cpu", 3),
+    (2, 8192 * 8, 16, torch.float32, "cpu", 32),  # capped
+    (2, 511, 16, torch.float32, "cpu", 0),  # one block: plain mm
+    (1, 2048, 16, torch.float32, "cpu", 1),
+    (2, 2048, 64, torch.float32, "cpu", 1),
+    (2, 2048, 16, torch.float64, "cpu", 1),
+    (2, 2048, 16, torch.bfloat16, "cpu", 1),
+    (2, 2048, 16, torch.float32, "meta", 1),
+])
+def test_block_count_rule(threads, count, rows, rank, dtype, device, expected):
+    threads(count)
+    assert blocks(rows, rank, torch.empty(0, dtype=dtype, device=device)) == expected
+
+
+@pytest.mark.parametrize("count, rows", [(2, 2048), (2, 1000), (3, 1000), (3, 769), (2, 8192 * 4 + 5)])
+def test_blocked_sum_matches_float64(threads, count, rows):
+    threads(count)
+    assert blocks(rows, 16, torch.empty(0)) >= 2  # the blocked path, not mm
+    check(rows, 16, 33)
+
+
+@settings(max_examples=40, deadline=None)
+@given(rows=st.integers(0, 1600), rank=st.integers(1, 40), cols=st.integers(1, 40), count=st.integers(1, 3),
+       seed=st.integers(0, 2**31 - 1))
+def test_any_shape_matches_float64(rows, rank, cols, count, seed):
+    before = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        check(rows, rank, cols, seed)
+    finally:
+        torch.set_num_threads(before)
