@@ -31,5 +31,7 @@ step layer-cuda-m1024 60 $layer --m 1024 --k 4096 --n 4096 --ranks 16 --dropouts
     --out "$out/layer-cuda-m1024.json"
 step layer-cuda-k2048 60 $layer --m 8192 --k 2048 --n 5632 --ranks 16 --dropouts 0 0.1 --decode \
     --out "$out/layer-cuda-k2048.json"
-step model-cuda 130 python benchmarks/bench_model.py --device cuda --dtype bfloat16 --hidden 2048 --layers 8 \
+step dropout-cuda 20 python benchmarks/bench_dropout.py --device cuda --dtype bfloat16 --shapes 8192x4096 1024x4096 \
+    --out "$out/dropout-cuda.json"  # the torch path's draw vs a dense Philox mask
+step model-cuda 120 python benchmarks/bench_model.py --device cuda --dtype bfloat16 --hidden 2048 --layers 8 \
     --heads 16 --vocab 32000 --batch 4 --seq 1024 --rounds 20 --out "$out/model-cuda.json"

@@ -16,6 +16,7 @@ TINY = {
     "bench_model.py": ["--hidden", "32", "--layers", "1", "--heads", "2", "--vocab", "64", "--batch", "1", "--seq", "8",
                        "--rank", "2", "--prefix", "2", "--no-peak-rss"],
     "bench_merge.py": ["--cycles", "3", "--size", "16", "--rank", "2"],
+    "bench_dropout.py": ["--shapes", "24x16"],
 }
 
 
