@@ -15,6 +15,7 @@ so c is a multiple of the thread count (2 blocks there: 0.71..0.85). With 1 thre
 (1.03..1.35), so one thread keeps ``mm``; so do ranks over 32 (r=64: 0.85..1.15, 1.26 at M=1000).
 Only fp32 on CPU: fp64 measured 1.03..1.10 (MKL threads that one well); in 16-bit each partial
 sum would be rounded to the input dtype; on GPUs cuBLAS splits the contraction itself.
+Machines with more threads follow the same rule (blocks in whole rounds of the thread count), unmeasured.
 The block count follows the thread count, so dA and dB round differently under different thread
 counts (within fp32 rounding of the same sum; tests hold both to a float64 reference).
 """
