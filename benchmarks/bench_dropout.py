@@ -64,11 +64,8 @@ def run(args) -> list[dict]:
     return rows
 
 
-def print_table(rows):
-    print(f"{'contender':<20} {'m':>6} {'k':>6} {'median us':>10} {'x copy':>7} {'F.dropout/this':>14}")
-    for r in rows:
-        print(f"{r['contender']:<20} {r['m']:>6} {r['k']:>6} {r['median_us']:>10.1f} {r['ratio_vs_base']:>7.2f} "
-              f"{r['F.dropout_time_over_this']:>14.2f}")
+COLUMNS = [("contender", "<20", "contender"), ("m", ">6", "m"), ("k", ">6", "k"), ("median us", ">10.1f", "median_us"),
+           ("x copy", ">7.2f", "ratio_vs_base"), ("F.dropout/this", ">14.2f", "F.dropout_time_over_this")]
 
 
 def main():
@@ -77,7 +74,7 @@ def main():
     parser.add_argument("--p", type=float, default=0.1)
     common.add_run_options(parser, rounds=50, warmup=5)
     args = parser.parse_args()
-    common.run_and_report(args, run, print_table, "dropout", "dropout")
+    common.run_and_report(args, run, COLUMNS, "dropout", "dropout")
 
 
 if __name__ == "__main__":

@@ -158,14 +158,9 @@ def run(args) -> list[dict]:
     return rows
 
 
-def print_table(rows):
-    print(f"{'mode':<17} {'contender':<22} {'m':>5} {'r':>3} {'drop':>4} {'median ms':>10} {'x base':>7} "
-          f"{'PEFT/this':>9} {'saved MiB':>9}")
-    for r in rows:
-        saved = f"{r['saved_bytes'] / 2**20:9.1f}" if "saved_bytes" in r else " " * 9
-        rival = f"{r['peft_time_over_this']:9.3f}" if "peft_time_over_this" in r else " " * 9
-        print(f"{r['mode']:<17} {r['contender']:<22} {r['m']:>5} {r['rank']:>3} {r['dropout']:>4.2f} "
-              f"{r['median_ms']:>10.3f} {r['ratio_vs_base']:>7.3f} {rival} {saved}")
+COLUMNS = [("mode", "<17", "mode"), ("contender", "<22", "contender"), ("m", ">5", "m"), ("r", ">3", "rank"),
+           ("drop", ">4.2f", "dropout"), ("median ms", ">10.3f", "median_ms"), ("x base", ">7.3f", "ratio_vs_base"),
+           ("PEFT/this", ">9.3f", "peft_time_over_this"), ("saved MiB", ">9.1f", common.mib("saved_bytes"))]
 
 
 def main():
@@ -179,7 +174,7 @@ def main():
     parser.add_argument("--inner", type=int, default=1)
     common.add_run_options(parser, rounds=30, warmup=5)
     args = parser.parse_args()
-    common.run_and_report(args, run, print_table, args.device, "lora_layer")
+    common.run_and_report(args, run, COLUMNS, args.device, "lora_layer")
 
 
 if __name__ == "__main__":

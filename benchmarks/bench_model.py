@@ -191,16 +191,10 @@ def run(args) -> list[dict]:
     return rows
 
 
-def print_table(rows):
-    print(f"{'mode':<11} {'contender':<19} {'trainable':>10} {'median ms':>10} {'x base':>7} {'PEFT/this':>9} "
-          f"{'saved MiB':>10} {'peak MiB':>9}")
-    for r in rows:
-        saved = f"{r['saved_bytes'] / 2**20:10.1f}" if "saved_bytes" in r else " " * 10
-        rival = f"{r['peft_time_over_this']:9.3f}" if "peft_time_over_this" in r else " " * 9
-        peak = r.get("peak_rss_bytes", r.get("peak_bytes"))
-        peak = f"{peak / 2**20:9.1f}" if peak is not None else ""
-        print(f"{r['mode']:<11} {r['contender']:<19} {r['trainable']:>10,} {r['median_ms']:>10.1f} "
-              f"{r['ratio_vs_base']:>7.3f} {rival} {saved} {peak}")
+COLUMNS = [("mode", "<11", "mode"), ("contender", "<19", "contender"), ("trainable", ">10,", "trainable"),
+           ("median ms", ">10.1f", "median_ms"), ("x base", ">7.3f", "ratio_vs_base"),
+           ("PEFT/this", ">9.3f", "peft_time_over_this"), ("saved MiB", ">10.1f", common.mib("saved_bytes")),
+           ("peak MiB", ">9.1f", common.mib("peak_rss_bytes", "peak_bytes"))]
 
 
 def main():
@@ -222,7 +216,7 @@ def main():
         torch.set_num_threads(args.threads)
         rss_child(args)
         return
-    common.run_and_report(args, run, print_table, "model", "model")
+    common.run_and_report(args, run, COLUMNS, "model", "model")
 
 if __name__ == "__main__":
     main()

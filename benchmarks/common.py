@@ -115,12 +115,30 @@ def add_run_options(parser, rounds: int, warmup: int) -> None:
     parser.add_argument("--out", type=Path, default=None)
 
 
-def run_and_report(args, run, print_table, name: str, benchmark: str) -> None:
-    """Fix and print the thread count, run, print the table, write the JSON."""
+def mib(*keys: str):
+    """A column getter: the first of ``keys`` the row has, bytes shown in MiB (None if it has none)."""
+    def get(row):
+        found = next((row[key] for key in keys if row.get(key) is not None), None)
+        return None if found is None else found / 2**20
+    return get
+
+
+def print_table(rows: list[dict], columns: list[tuple]) -> None:
+    """One line per row. ``columns``: (title, format spec with alignment and width such as ``">10.3f"``,
+    the row's key or a function of the row); a missing value prints as blanks."""
+    cells = [(title, spec, re.match(r"([<>^])(\d+)", spec), get) for title, spec, get in columns]
+    print(" ".join(f"{title:{place[1]}{place[2]}}" for title, _, place, _ in cells))
+    for row in rows:
+        values = ((get(row) if callable(get) else row.get(get), spec, place) for _, spec, place, get in cells)
+        print(" ".join(" " * int(place[2]) if value is None else f"{value:{spec}}" for value, spec, place in values))
+
+
+def run_and_report(args, run, columns: list[tuple], name: str, benchmark: str) -> None:
+    """Fix and print the thread count, run, print the table (``columns``: see print_table), write the JSON."""
     torch.set_num_threads(args.threads)
     print(f"threads: {torch.get_num_threads()}  device: {device_name()}")
     rows = run(args)
-    print_table(rows)
+    print_table(rows, columns)
     meta = metadata(benchmark=benchmark, rounds=args.rounds, warmup=args.warmup)
     write_results(name, meta, rows, args.out)
 

@@ -1,5 +1,7 @@
 """Tiny real models for the tests (built from configs, nothing downloaded) and shared helpers."""
 
+import contextlib
+
 import torch
 from torch import nn
 
@@ -10,6 +12,17 @@ from peftlite.ops.dropout import draw_seed, drop_positions_from_seed
 # Relative tolerance per dtype: a few unit roundoffs, since each path rounds a handful of times.
 TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 2.5e-3, torch.bfloat16: 2e-2}
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+@contextlib.contextmanager
+def num_threads(count: int):
+    """torch's intra-op thread count set to ``count`` inside the block, restored after."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def keep_mask(shape, p, seed):

@@ -9,7 +9,7 @@ import torch
 from peftlite.ops.autograd import TORCH, lora_linear
 from peftlite.ops.dropout import draw_seed
 from peftlite.ops.reference import lora_backward, lora_forward
-from tests.models import DTYPES, assert_close_scaled, assert_within_rounding, keep_mask
+from tests.models import DTYPES, assert_close_scaled, assert_within_rounding, keep_mask, num_threads
 
 
 ENTRIES = ("function", "op")  # eager training (autograd.Function) and the custom op torch.compile traces
@@ -42,12 +42,8 @@ def test_forward_backward_match_reference(dtype, m, k, n, r, p, entry):
 @pytest.mark.parametrize("count, m", [(2, 1000), (3, 1000), (2, 2048)])
 @pytest.mark.parametrize("p", [0.0, 0.25])
 def test_weight_gradients_summed_over_row_blocks_match_reference(count, m, p):
-    before = torch.get_num_threads()
-    torch.set_num_threads(count)  # dA, dB as sums over row blocks (skinny.py) on >= 2 threads
-    try:
+    with num_threads(count):  # dA, dB as sums over row blocks (skinny.py) on >= 2 threads
         check_against_reference("function", torch.float32, m, 37, 29, 16, p)
-    finally:
-        torch.set_num_threads(before)
 
 
 def check_against_reference(entry, dtype, m, k, n, r, p):

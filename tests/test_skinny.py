@@ -6,15 +6,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from peftlite.ops.skinny import blocks, transposed_product
-from tests.models import assert_within_rounding
-
-
-@pytest.fixture
-def threads():
-    """Set torch's thread count for one test, restoring it afterwards."""
-    before = torch.get_num_threads()
-    yield torch.set_num_threads
-    torch.set_num_threads(before)
+from tests.models import assert_within_rounding, num_threads
 
 
 def check(rows, rank, cols, seed=0):
@@ -37,25 +29,21 @@ def check(rows, rank, cols, seed=0):
     (2, 2048, 16, torch.bfloat16, "cpu", 1),
     (2, 2048, 16, torch.float32, "meta", 1),
 ])
-def test_block_count_rule(threads, count, rows, rank, dtype, device, expected):
-    threads(count)
-    assert blocks(rows, rank, torch.empty(0, dtype=dtype, device=device)) == expected
+def test_block_count_rule(count, rows, rank, dtype, device, expected):
+    with num_threads(count):
+        assert blocks(rows, rank, torch.empty(0, dtype=dtype, device=device)) == expected
 
 
 @pytest.mark.parametrize("count, rows", [(2, 2048), (2, 1000), (3, 1000), (3, 769), (2, 8192 * 4 + 5)])
-def test_blocked_sum_matches_float64(threads, count, rows):
-    threads(count)
-    assert blocks(rows, 16, torch.empty(0)) >= 2  # the blocked path, not mm
-    check(rows, 16, 33)
+def test_blocked_sum_matches_float64(count, rows):
+    with num_threads(count):
+        assert blocks(rows, 16, torch.empty(0)) >= 2  # the blocked path, not mm
+        check(rows, 16, 33)
 
 
 @settings(max_examples=40, deadline=None)
 @given(rows=st.integers(0, 1600), rank=st.integers(1, 40), cols=st.integers(1, 40), count=st.integers(1, 3),
        seed=st.integers(0, 2**31 - 1))
 def test_any_shape_matches_float64(rows, rank, cols, count, seed):
-    before = torch.get_num_threads()
-    torch.set_num_threads(count)
-    try:
+    with num_threads(count):
         check(rows, rank, cols, seed)
-    finally:
-        torch.set_num_threads(before)
