@@ -111,3 +111,12 @@ def test_spare_slot_takes_the_padding():
     expected = torch.ones(12)
     expected[drop_positions(12, 0.5, 9)] = 0
     assert torch.equal(matrix.flatten(), expected)
+
+
+def test_big_endian_halves_are_swapped_into_low_high_order(monkeypatch):
+    from peftlite.ops import dropout
+
+    native = dropout.uniform(99, 0, 64)
+    monkeypatch.setattr(dropout, "LITTLE_ENDIAN", not dropout.LITTLE_ENDIAN)  # the other byte order's branch
+    swapped = dropout.uniform(99, 0, 64)
+    assert torch.equal(swapped.view(-1, 2).flip(1).flatten(), native)

@@ -38,30 +38,45 @@ def logical_shift(z: torch.Tensor, bits: int, out: torch.Tensor = None) -> torch
     return shifted.bitwise_and_((1 << (64 - bits)) - 1)
 
 
-def uniform(seed: int, start: int, count: int, device=None) -> torch.Tensor:
-    """Numbers ``start .. start + count - 1`` of stream ``seed``, uniform on the float32 grid of [0, 1).
+def hash_uniform(z: torch.Tensor, scratch: torch.Tensor, seed: int, first: int) -> torch.Tensor:
+    """Numbers ``2 * first .. 2 * (first + H) - 1`` of stream ``seed``, uniform on the float32 grid of [0, 1),
+    computed in ``z``'s storage: returns a float32 view of ``z`` [2H].
 
-    Hash ``j`` gives numbers ``2j`` and ``2j + 1``: the top 24 bits of its low and of its high 32-bit
-    half. Every step is in place (fresh tensors per step, not arithmetic, dominated the time).
+    ``z`` and ``scratch`` are int64 [H] and do not overlap; ``scratch`` is overwritten. Hash ``j``
+    gives numbers ``2j`` and ``2j + 1``: the top 24 bits of its low and of its high 32-bit half.
+    Every step is in place: fresh tensors per step (and the page faults of each new buffer) cost
+    more than the arithmetic.
     """
-    first = start // 2
-    z = torch.arange(first, (start + count + 1) // 2, dtype=torch.int64, device=device).mul_(GOLDEN).add_(seed)
-    scratch = torch.empty_like(z)
+    torch.arange(first, first + z.numel(), out=z).mul_(GOLDEN).add_(seed)
     for bits, mix in ((30, MIX1), (27, MIX2), (31, None)):  # z ^= z >>> bits; z *= mix (the products wrap)
         z.bitwise_xor_(logical_shift(z, bits, out=scratch))
         if mix is not None:
             z.mul_(mix)
-    halves = z.view(torch.int32) if LITTLE_ENDIAN else z.view(-1, 1).view(torch.int32).flip(1).view(-1)
-    numbers = torch.bitwise_right_shift(halves, 8).bitwise_and_(0xFFFFFF).to(torch.float32)  # [2 * hashes]
+    if not LITTLE_ENDIAN:  # swap the halves, so the int32 view reads (low, high)
+        high = logical_shift(z, 32, out=scratch)
+        z.bitwise_left_shift_(32).bitwise_or_(high)
+    halves = z.view(torch.int32).bitwise_right_shift_(8).bitwise_and_(0xFFFFFF)  # [2H], each below 2**24
+    numbers = z.view(torch.float32)
+    return numbers.copy_(halves).mul_(2.0 ** -24)  # element i read, then written in place: same bytes
+
+
+def uniform(seed: int, start: int, count: int, device=None) -> torch.Tensor:
+    """Numbers ``start .. start + count - 1`` of stream ``seed``, uniform on the float32 grid of [0, 1)."""
+    first = start // 2
+    z, scratch = torch.empty(2, (start + count + 1) // 2 - first, dtype=torch.int64, device=device)
     skip = start - 2 * first
-    return numbers[skip: skip + count].mul_(2.0 ** -24)
+    return hash_uniform(z, scratch, seed, first)[skip: skip + count]
+
+
+def gaps_(numbers: torch.Tensor, p: float) -> torch.Tensor:
+    """Uniforms ``U`` -> ``floor(log(1 - U) / log(1 - p))``, Geometric(p) on {0, 1, ...}, in place."""
+    return numbers.neg_().log1p_().mul_(1.0 / math.log1p(-p)).floor_()
 
 
 def steps(seed: int, start: int, count: int, p: float, device=None) -> torch.Tensor:
     """Distances ``1 + Geometric(p)`` from one dropped position to the next, int64: numbers ``start ..
     start + count - 1`` of stream ``seed``, each ``floor(log(1 - U) / log(1 - p)) + 1``."""
-    gaps = uniform(seed, start, count, device).neg_().log1p_().mul_(1.0 / math.log1p(-p)).floor_()
-    return gaps.to(torch.int64).add_(1)
+    return gaps_(uniform(seed, start, count, device), p).to(torch.int64).add_(1)
 
 
 def drop_positions(numel: int, p: float, seed: int, device=None) -> torch.Tensor:
@@ -99,7 +114,12 @@ def drop_positions_padded(numel: int, p: float, seed: int, device=None) -> torch
     """
     if not 0 < p < 1:
         raise ValueError(f"drop probability must be in (0, 1), got {p}")
-    positions = steps(seed, 0, draw_count(numel, p), p, device).cumsum_(0).sub_(1)  # position i: steps 0..i, less 1
+    count = draw_count(numel, p)
+    hashes = (count + 1) // 2
+    buffer = torch.empty(count + hashes, dtype=torch.int64, device=device)  # one buffer: [positions | hashes]
+    positions = buffer[:count]
+    numbers = hash_uniform(buffer[count:], buffer[:hashes], seed, 0)[:count]  # the first half is scratch till now
+    positions.copy_(gaps_(numbers, p)).add_(1).cumsum_(0).sub_(1)  # position i: steps 0..i, less 1
     torch._assert_async(positions[-1] >= numel - 1)
     return positions.clamp_(max=numel)
 
