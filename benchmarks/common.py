@@ -34,8 +34,11 @@ def metadata(**extra) -> dict:
             versions[name] = __import__(name).__version__
         except ImportError:
             pass
-    return {"device": device_name(), "threads": torch.get_num_threads(), "versions": versions, "commit": commit,
-            "date": datetime.date.today().isoformat(), **extra}
+    arch = {}
+    if torch.cuda.is_available():  # the key of peftlite's dispatch table (ops/dispatch.py)
+        arch = {"arch": "sm_{}{}".format(*torch.cuda.get_device_capability())}
+    return {"device": device_name(), **arch, "threads": torch.get_num_threads(), "versions": versions,
+            "commit": commit, "date": datetime.date.today().isoformat(), **extra}
 
 
 def synchronize() -> None:

@@ -20,7 +20,7 @@ step() {  # step NAME SECONDS COMMAND...: run with a time limit, keep its output
     tail -3 "$out/$name.txt"
 }
 
-step gpu 10 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
+step gpu 5 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
 step gpu-tests-torch 80 python -m pytest tests/test_autograd.py tests/test_compile.py -q
 step gpu-tests-triton 110 python -m pytest tests/test_triton.py -q  # first GPU compiles of every specialization
 layer="python benchmarks/bench_lora_layer.py --device cuda --dtype bfloat16 --rounds 30 --warmup 5 --inner 3"
@@ -33,5 +33,7 @@ step layer-cuda-k2048 60 $layer --m 8192 --k 2048 --n 5632 --ranks 16 --dropouts
     --out "$out/layer-cuda-k2048.json"
 step dropout-cuda 20 python benchmarks/bench_dropout.py --device cuda --dtype bfloat16 --shapes 8192x4096 1024x4096 \
     --out "$out/dropout-cuda.json"  # the torch path's draw vs a dense Philox mask
-step model-cuda 120 python benchmarks/bench_model.py --device cuda --dtype bfloat16 --hidden 2048 --layers 8 \
+step model-cuda 115 python benchmarks/bench_model.py --device cuda --dtype bfloat16 --hidden 2048 --layers 8 \
     --heads 16 --vocab 32000 --batch 4 --seq 1024 --rounds 20 --out "$out/model-cuda.json"
+step dispatch 15 python benchmarks/dispatch_table.py "$out"/layer-cuda*.json --out "$out/dispatch.json"  # commit as
+# peftlite/ops/dispatch.json: the measured torch-vs-Triton table the CUDA default follows

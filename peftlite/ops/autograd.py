@@ -176,6 +176,12 @@ def triton_backward(grad: Tensor, x: Optional[Tensor], weight: Optional[Tensor],
 TRITON = define_ops("lora_triton", triton_forward, triton_backward)
 
 
+def needs_gradient(x, weight, bias, lora_A, lora_B) -> bool:
+    """Whether autograd will want a backward through this call (grad mode on, some input requiring grad)."""
+    return torch.is_grad_enabled() and (x.requires_grad or lora_A.requires_grad or lora_B.requires_grad
+                                        or weight.requires_grad or (bias is not None and bias.requires_grad))
+
+
 def lora_linear(x, weight, bias, lora_A, lora_B, scaling: float, dropout: float = 0.0, kernels: Kernels = TORCH):
     """``x [..., K] -> [..., N]`` through ``kernels`` (the torch path by default); draws the dropout seed.
 
@@ -186,8 +192,7 @@ def lora_linear(x, weight, bias, lora_A, lora_B, scaling: float, dropout: float 
     """
     if torch.compiler.is_compiling():
         run = kernels.op
-    elif torch.is_grad_enabled() and (x.requires_grad or lora_A.requires_grad or lora_B.requires_grad
-                                      or weight.requires_grad or (bias is not None and bias.requires_grad)):
+    elif needs_gradient(x, weight, bias, lora_A, lora_B):
         run = kernels.function.apply
     else:
         run = kernels.forward

@@ -10,17 +10,20 @@
   from the same seed as a dense mask): slow, obviously correct, for checking the fast path.
 
 ``PEFTLITE_BACKEND=reference|torch|triton`` forces one for every layer; it is read at each
-call, so it can be switched inside a process (tests do). Unset, every device runs ``torch``:
-the Triton kernels become the CUDA default once GPU measurements show where they win.
+call, so it can be switched inside a process (tests do). Unset, each call runs the backend measured
+faster for its GPU, dtype, mode and nearest shape (``dispatch.py``, data in ``dispatch.json``), and
+``torch`` wherever nothing was measured, CPU tensors included.
 """
 
+import functools
 import os
 
 import torch
 
 from ..errors import PeftliteError
 from .autograd import lora_linear as torch_lora_linear
-from .autograd import TORCH, TRITON
+from .autograd import needs_gradient, TORCH, TRITON
+from .dispatch import choose
 from .dropout import draw_seed, drop_positions_from_seed
 from .reference import lora_forward
 
@@ -28,15 +31,18 @@ BACKENDS = ("reference", "torch", "triton")
 VARIABLE = "PEFTLITE_BACKEND"
 
 
-def backend() -> str:
-    chosen = os.environ.get(VARIABLE, "torch") or "torch"
-    if chosen not in BACKENDS:
-        raise PeftliteError(f"{VARIABLE}={chosen!r}: expected one of {', '.join(BACKENDS)} (or unset for torch).")
+def forced() -> str | None:
+    """The backend ``PEFTLITE_BACKEND`` names, or None when it is unset or empty (measured dispatch)."""
+    chosen = os.environ.get(VARIABLE) or None
+    if chosen is not None and chosen not in BACKENDS:
+        raise PeftliteError(f"{VARIABLE}={chosen!r}: expected one of {', '.join(BACKENDS)} (or unset to let "
+                            "peftlite choose).")
     if chosen == "triton" and not triton_available():
         raise PeftliteError(f"{VARIABLE}=triton, but the triton package is not installed (pip install triton).")
     return chosen
 
 
+@functools.cache
 def triton_available() -> bool:
     try:
         import triton  # noqa: F401
@@ -57,8 +63,13 @@ def reference_lora_linear(x, weight, bias, lora_A, lora_B, scaling: float, dropo
 
 
 def lora_linear(x, weight, bias, lora_A, lora_B, scaling: float, dropout: float = 0.0):
-    """The low-rank update through the selected backend."""
-    chosen = backend()
+    """The low-rank update through the forced backend, else the measured one for this call."""
+    chosen = forced()
+    if chosen is None:
+        training = needs_gradient(x, weight, bias, lora_A, lora_B)
+        chosen = choose(x, weight, lora_A, dropout, training)
+        if chosen == "triton" and not triton_available():
+            chosen = "torch"
     if chosen == "reference":
         return reference_lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout)
     kernels = TRITON if chosen == "triton" else TORCH

@@ -30,8 +30,8 @@ import triton.language as tl
 from torch import Tensor
 
 from ..errors import PeftliteError
+from .dispatch import MAX_OFFSET
 
-MAX_OFFSET = 2**31  # offsets and tl.rand counters are int32: M*K, M*N and N*K must stay below
 DECODE_ROWS = 16  # up to this many rows (tokens), the forward is one launch (_decode_kernel)
 
 
