@@ -17,6 +17,7 @@ TINY = {
                        "--rank", "2", "--prefix", "2", "--no-peak-rss"],
     "bench_merge.py": ["--cycles", "3", "--size", "16", "--rank", "2"],
     "bench_dropout.py": ["--shapes", "24x16"],
+    "bench_skinny.py": ["--m", "300", "--k", "32", "--ranks", "4"],
 }
 
 

@@ -20,6 +20,7 @@ The block count follows the thread count, so dA and dB round differently under d
 counts (within fp32 rounding of the same sum; tests hold both to a float64 reference).
 """
 
+from typing import Optional
 
 import torch
 from torch import Tensor
@@ -40,10 +41,11 @@ def blocks(rows: int, rank: int, like: Tensor) -> int:
     return count - count % threads  # whole rounds of blocks: a round with idle threads loses
 
 
-def transposed_product(a: Tensor, b: Tensor) -> Tensor:
-    """``a^T b`` [r, K] for ``a`` [M, r] and ``b`` [M, K] (both row-major), as a sum over row blocks."""
+def transposed_product(a: Tensor, b: Tensor, count: Optional[int] = None) -> Tensor:
+    """``a^T b`` [r, K] for ``a`` [M, r] and ``b`` [M, K] (both row-major), as a sum over ``count`` row blocks
+    (default: :func:`blocks`'s rule; ``benchmarks/bench_skinny.py`` times others against it)."""
     rows, rank = a.shape
-    count = blocks(rows, rank, b)
+    count = blocks(rows, rank, b) if count is None else min(count, rows)
     if count < 2:
         return torch.mm(a.t(), b)
     size = rows // count
