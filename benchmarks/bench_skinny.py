@@ -7,7 +7,7 @@ sum at several block counts (whole rounds of the thread count, and the rule's ch
 rule can be checked, and re-derived on machines with more cores. Writes
 benchmarks/results/skinny-<device>.json.
 
-    python benchmarks/bench_skinny.py                          # 1 and 2 threads, M=512..8192, K=1024/4096, r=8..64
+    python benchmarks/bench_skinny.py                          # 1 and 2 threads, M=512..8192, K=1024/4096, r=4..128
     python benchmarks/bench_skinny.py --threads 4 8 16         # a machine with more cores
 """
 
@@ -84,7 +84,7 @@ def main():
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--m", type=int, nargs="+", default=[512, 1000, 2048, 4096, 8192])
     parser.add_argument("--k", type=int, nargs="+", default=[1024, 4096])
-    parser.add_argument("--ranks", type=int, nargs="+", default=[8, 16, 32, 64])
+    parser.add_argument("--ranks", type=int, nargs="+", default=[4, 8, 16, 32, 64, 128])
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--rounds", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=3)

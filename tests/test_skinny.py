@@ -18,13 +18,15 @@ def check(rows, rank, cols, seed=0):
 
 
 @pytest.mark.parametrize("count, rows, rank, dtype, device, expected", [
-    (2, 2048, 16, torch.float32, "cpu", 8),
-    (2, 1000, 16, torch.float32, "cpu", 2),  # 3 blocks would leave a thread idle for the last
+    (2, 2048, 16, torch.float32, "cpu", 2),  # one block per thread
+    (2, 8192 * 8, 16, torch.float32, "cpu", 2),
     (3, 1000, 16, torch.float32, "cpu", 3),
-    (2, 8192 * 8, 16, torch.float32, "cpu", 32),  # capped
-    (2, 511, 16, torch.float32, "cpu", 0),  # one block: plain mm
+    (2, 512, 1, torch.float32, "cpu", 2),
+    (2, 511, 16, torch.float32, "cpu", 1),  # blocks under 256 rows: plain mm
+    (3, 767, 16, torch.float32, "cpu", 1),
     (1, 2048, 16, torch.float32, "cpu", 1),
-    (2, 2048, 64, torch.float32, "cpu", 1),
+    (2, 2048, 128, torch.float32, "cpu", 2),
+    (2, 2048, 129, torch.float32, "cpu", 1),
     (2, 2048, 16, torch.float64, "cpu", 1),
     (2, 2048, 16, torch.bfloat16, "cpu", 1),
     (2, 2048, 16, torch.float32, "meta", 1),
@@ -39,6 +41,14 @@ def test_blocked_sum_matches_float64(count, rows):
     with num_threads(count):
         assert blocks(rows, 16, torch.empty(0)) >= 2  # the blocked path, not mm
         check(rows, 16, 33)
+
+
+@pytest.mark.parametrize("count", [2, 3, 5, 64, 1003, 2000])
+def test_any_block_count_matches_float64(count):
+    g = torch.Generator().manual_seed(count)
+    a, b = torch.randn(1003, 7, generator=g), torch.randn(1003, 33, generator=g)
+    magnitude = a.double().abs().t() @ b.double().abs()
+    assert_within_rounding(transposed_product(a, b, count), a.double().t() @ b.double(), magnitude, torch.float32)
 
 
 @settings(max_examples=40, deadline=None)

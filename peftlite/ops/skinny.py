@@ -8,16 +8,19 @@ blocks the threads share, plus a sum over c:
 
     a^T b = sum_i a_i^T b_i,   a_i = a[i R : (i+1) R],  b_i = b[i R : (i+1) R]
 
-Measured on CPU (AMD EPYC, torch 2.13, fp32; this over one ``mm``), 2 threads: M=2048 K=1024
-r=16 0.69, r=8 0.68, r=32 0.70; M=2048 K=4096 r=16 0.69; M=8192 K=4096 r=16 0.68; M=600..3000
-0.66..0.94. With 3 blocks on 2 threads one thread idles through the last: M=1000 went 0.96..1.35,
-so c is a multiple of the thread count (2 blocks there: 0.71..0.85). With 1 thread it loses
-(1.03..1.35), so one thread keeps ``mm``; so do ranks over 32 (r=64: 0.85..1.15, 1.26 at M=1000).
-Only fp32 on CPU: fp64 measured 1.03..1.10 (MKL threads that one well); in 16-bit each partial
-sum would be rounded to the input dtype; on GPUs cuBLAS splits the contraction itself.
-Machines with more threads follow the same rule (blocks in whole rounds of the thread count), unmeasured.
-The block count follows the thread count, so dA and dB round differently under different thread
-counts (within fp32 rounding of the same sum; tests hold both to a float64 reference).
+The rule (``blocks``): on CPU, fp32, with T >= 2 threads, rank <= 128 and M >= 256 T rows, c = T:
+one block per thread (``torch.bmm`` hands each thread one block, MKL runs it on that thread alone).
+Measured by ``benchmarks/bench_skinny.py`` (``benchmarks/results/skinny-amd-epyc.json``: AMD EPYC,
+torch 2.13, fp32, this over one ``mm``, median of per-round ratios): at 2 threads, 2 blocks took
+0.54..0.94 for ranks 1..32 (42 shapes, M=512..8192, K=1024/4096), 0.84..0.96 at rank 64 and
+0.91..1.01 at rank 128; more blocks (2, 4 or 8 rounds of the threads) did no better at ranks <= 64
+(median 0.716 for the earlier rule of up to 32 blocks vs 0.711) and lost at rank 128 (16 blocks:
+1.34..1.70, partial sums [c, r, K] outgrow the caches). With 1 thread no count wins (0.96..1.22), so
+one thread keeps ``mm``. Only fp32 on CPU: fp64 measured 1.03..1.10 (MKL threads that one well); in
+16-bit each partial sum would be rounded to the input dtype; on GPUs cuBLAS splits the contraction
+itself. Machines with more threads follow the same rule, unmeasured: run the benchmark there with
+``--threads 4 8 16``. The block count follows the thread count, so dA and dB round differently under
+different thread counts (within fp32 rounding of the same sum; tests hold both to a float64 reference).
 """
 
 from typing import Optional
@@ -26,19 +29,15 @@ import torch
 from torch import Tensor
 
 BLOCK_ROWS = 256  # rows per block at least: smaller blocks cost more in the sum than they gain
-MAX_BLOCKS = 32  # bounds the partial sums [c, r, K] at 32 x the result
-MAX_RANK = 32
+MAX_RANK = 128  # measured up to here (the partial sums are [threads, r, K])
 
 
 def blocks(rows: int, rank: int, like: Tensor) -> int:
-    """How many row blocks to sum over; 1 means one plain ``mm``."""
+    """How many row blocks to sum over (one per thread); 1 means one plain ``mm``."""
     if like.device.type != "cpu" or like.dtype != torch.float32 or rank > MAX_RANK:
         return 1
     threads = torch.get_num_threads()
-    if threads < 2:
-        return 1
-    count = min(rows // BLOCK_ROWS, MAX_BLOCKS)
-    return count - count % threads  # whole rounds of blocks: a round with idle threads loses
+    return threads if threads >= 2 and rows >= threads * BLOCK_ROWS else 1
 
 
 def transposed_product(a: Tensor, b: Tensor, count: Optional[int] = None) -> Tensor:
