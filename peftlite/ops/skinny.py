@@ -11,16 +11,17 @@ blocks the threads share, plus a sum over c:
 The rule (``blocks``): on CPU, fp32, with T >= 2 threads, rank <= 128 and M >= 256 T rows, c = T:
 one block per thread (``torch.bmm`` hands each thread one block, MKL runs it on that thread alone).
 Measured by ``benchmarks/bench_skinny.py`` (``benchmarks/results/skinny-amd-epyc.json``: AMD EPYC,
-torch 2.13, fp32, this over one ``mm``, median of per-round ratios): at 2 threads, 2 blocks took
-0.54..0.94 for ranks 1..32 (42 shapes, M=512..8192, K=1024/4096), 0.84..0.96 at rank 64 and
-0.91..1.01 at rank 128; more blocks (2, 4 or 8 rounds of the threads) did no better at ranks <= 64
-(median 0.716 for the earlier rule of up to 32 blocks vs 0.711) and lost at rank 128 (16 blocks:
-1.34..1.70, partial sums [c, r, K] outgrow the caches). With 1 thread no count wins (0.96..1.22), so
-one thread keeps ``mm``. Only fp32 on CPU: fp64 measured 1.03..1.10 (MKL threads that one well); in
-16-bit each partial sum would be rounded to the input dtype; on GPUs cuBLAS splits the contraction
-itself. Machines with more threads follow the same rule, unmeasured: run the benchmark there with
-``--threads 4 8 16``. The block count follows the thread count, so dA and dB round differently under
-different thread counts (within fp32 rounding of the same sum; tests hold both to a float64 reference).
+torch 2.13, fp32, M=512..8192, K=1024/4096; this over one ``mm``, median of per-round ratios): at 2
+threads the rule took 0.53..0.68 at rank 4, 0.59..0.73 at 8, 0.70..0.84 at 16, 0.78..0.94 at 32,
+0.84..0.94 at 64 and 0.94..1.00 at 128: a median 0.01 and at most 0.10 (rank 4, M=2048, K=4096) above
+the best block count timed (2, 4, 8 or 16 blocks). More blocks lose at rank 128 (16 blocks: up to
+1.64x; the partial sums [c, r, K] outgrow the caches). With 1 thread blocking does not pay
+(0.95..1.12), so one thread keeps ``mm``. Only fp32 on CPU: fp64 measured 1.03..1.10 (MKL threads
+that one well); in 16-bit each partial sum would be rounded to the input dtype; on GPUs cuBLAS splits
+the contraction itself. Machines with more threads follow the same rule, unmeasured: run the
+benchmark there with ``--threads 4 8 16``. The block count follows the thread count, so dA and dB
+round differently under different thread counts (within fp32 rounding of the same sum; tests hold
+both to a float64 reference).
 """
 
 from typing import Optional
