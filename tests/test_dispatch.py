@@ -144,6 +144,17 @@ def test_the_shipped_table_is_packaged_and_well_formed():
             assert not (entry.mode == "infer" and entry.dropout)
 
 
+@pytest.mark.parametrize("change", [{"backend": "cuda"}, {"mode": "training"}, {"rank": None}])
+def test_a_malformed_table_is_named(change, tmp_path):
+    entry = {"arch": "sm_90", "dtype": "bfloat16", "mode": "train", "dropout": False, "m": 8192, "k": 4096,
+             "n": 4096, "rank": 16, "backend": "triton"}
+    entry = {key: value for key, value in {**entry, **change}.items() if value is not None}
+    path = tmp_path / "dispatch.json"
+    path.write_text(json.dumps({"entries": [entry]}))
+    with pytest.raises(peftlite.PeftliteError, match="dispatch.json: dispatch entry .* malformed"):
+        dispatch.read_table(path)
+
+
 def test_cpu_results_are_refused_by_the_table_writer(tmp_path):
     pytest.importorskip("peft")
     results = tmp_path / "layer.json"

@@ -22,6 +22,8 @@ from typing import NamedTuple, Optional
 
 import torch
 
+from ..errors import PeftliteError
+
 TABLE = Path(__file__).with_name("dispatch.json")
 MAX_OFFSET = 2**31  # the Triton kernels' offsets and dropout counters are int32: M*K, M*N and N*K stay below
 
@@ -44,9 +46,19 @@ def read_table(path: Path = TABLE) -> dict[tuple, list[Entry]]:
     """The table's entries grouped by ``(arch, dtype, mode, dropout)``."""
     groups = {}
     for row in json.loads(path.read_text())["entries"]:
-        entry = Entry(**{name: row[name] for name in Entry._fields})
+        entry = parse_entry(row, path)
         groups.setdefault(entry[:4], []).append(entry)
     return groups
+
+
+def parse_entry(row: dict, path: Path) -> Entry:
+    missing = [name for name in Entry._fields if name not in row]
+    if missing or row["mode"] not in ("train", "infer") or row["backend"] not in ("torch", "triton"):
+        raise PeftliteError(
+            f"{path}: dispatch entry {row} is malformed (missing {missing}; mode must be 'train' or 'infer', "
+            "backend 'torch' or 'triton'). Rewrite the table with benchmarks/dispatch_table.py, or set "
+            "PEFTLITE_BACKEND to skip it.")
+    return Entry(**{name: row[name] for name in Entry._fields})
 
 
 @functools.cache
