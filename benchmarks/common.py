@@ -13,16 +13,19 @@ from pathlib import Path
 import torch
 
 
-def device_name() -> str:
-    if torch.cuda.is_available():
-        return torch.cuda.get_device_name()
+def device_name(device: str = "cpu") -> str:
+    """The GPU's name for a CUDA run, else the CPU's model name."""
+    if torch.device(device).type == "cuda":
+        return torch.cuda.get_device_name(device)
     for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []:
         if line.startswith("model name"):
             return line.split(":", 1)[1].strip()
     return platform.processor() or "cpu"
 
 
-def metadata(**extra) -> dict:
+def metadata(device: str = "cpu", **extra) -> dict:
+    """What every result records: the device the run used (and a GPU's architecture, the key of peftlite's
+    dispatch table, ops/dispatch.py), threads, versions, commit and date, plus ``extra``."""
     try:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                                 check=True).stdout.strip()
@@ -35,9 +38,9 @@ def metadata(**extra) -> dict:
         except ImportError:
             pass
     arch = {}
-    if torch.cuda.is_available():  # the key of peftlite's dispatch table (ops/dispatch.py)
-        arch = {"arch": "sm_{}{}".format(*torch.cuda.get_device_capability())}
-    return {"device": device_name(), **arch, "threads": torch.get_num_threads(), "versions": versions,
+    if torch.device(device).type == "cuda":
+        arch = {"arch": "sm_{}{}".format(*torch.cuda.get_device_capability(device))}
+    return {"device": device_name(device), **arch, "threads": torch.get_num_threads(), "versions": versions,
             "commit": commit, "date": datetime.date.today().isoformat(), **extra}
 
 
@@ -139,10 +142,10 @@ def print_table(rows: list[dict], columns: list[tuple]) -> None:
 def run_and_report(args, run, columns: list[tuple], name: str, benchmark: str) -> None:
     """Fix and print the thread count, run, print the table (``columns``: see print_table), write the JSON."""
     torch.set_num_threads(args.threads)
-    print(f"threads: {torch.get_num_threads()}  device: {device_name()}")
+    print(f"threads: {torch.get_num_threads()}  device: {device_name(args.device)}")
     rows = run(args)
     print_table(rows, columns)
-    meta = metadata(benchmark=benchmark, rounds=args.rounds, warmup=args.warmup)
+    meta = metadata(args.device, benchmark=benchmark, rounds=args.rounds, warmup=args.warmup)
     write_results(name, meta, rows, args.out)
 
 

@@ -21,7 +21,7 @@ step() {  # step NAME SECONDS COMMAND...: run with a time limit, keep its output
 }
 
 step gpu 5 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
-step gpu-tests-torch 80 python -m pytest tests/test_autograd.py tests/test_compile.py -q
+step gpu-tests-torch 80 python -m pytest tests/test_autograd.py tests/test_compile.py tests/test_dispatch.py -q
 step gpu-tests-triton 110 python -m pytest tests/test_triton.py -q  # first GPU compiles of every specialization
 layer="python benchmarks/bench_lora_layer.py --device cuda --dtype bfloat16 --rounds 30 --warmup 5 --inner 3"
 # The reference shape (issue targets), then two more shapes for the torch-vs-Triton dispatch table.
