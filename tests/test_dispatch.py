@@ -49,10 +49,10 @@ def table(tmp_path, monkeypatch):
         empty = {"about": "test", "entries": []}
         path.write_text(json.dumps(script.merged(empty, script.entries(result(rows, arch)))))
         monkeypatch.setattr(dispatch, "table", lambda: dispatch.read_table(path))
-        dispatch.measured_backend.cache_clear()
+        dispatch.decide.cache_clear()
         return json.loads(path.read_text())["entries"]
     yield install
-    dispatch.measured_backend.cache_clear()
+    dispatch.decide.cache_clear()
 
 
 def test_the_faster_path_of_each_measured_shape_becomes_an_entry(table):
@@ -104,17 +104,27 @@ def test_cpu_tensors_run_torch_whatever_the_table_says(table, monkeypatch):
     assert dispatch.choose(torch.randn(8192, 4096), layer.weight, layer.lora_A, 0.0, True) == "torch"
 
 
-def test_a_table_choice_of_triton_without_triton_installed_runs_torch(monkeypatch):
-    torch.manual_seed(0)
-    layer = peftlite.LoRALinear(torch.nn.Linear(6, 5), rank=2)
+def test_a_table_choice_of_triton_without_triton_installed_runs_torch(table, monkeypatch):
+    table(timed(1.2, 1.0))
+    monkeypatch.setattr(dispatch, "triton_available", lambda: False)
+    dispatch.decide.cache_clear()
+    assert dispatch.decide("cuda", 0, "bfloat16", True, False, 8192, 4096, 4096, 16) == "torch"
+
+
+def test_compiled_calls_decide_once_without_the_rows(monkeypatch):
+    calls = []
+    monkeypatch.setattr(dispatch, "decide", lambda *args: calls.append(args) or "torch")
+    torch._dynamo.reset()
+    layer = peftlite.LoRALinear(torch.nn.Linear(12, 5), rank=3)
     torch.nn.init.normal_(layer.lora_B)
-    x = torch.randn(3, 6)
-    monkeypatch.setenv("PEFTLITE_BACKEND", "torch")
-    expected = layer(x)
-    monkeypatch.delenv("PEFTLITE_BACKEND")
-    monkeypatch.setattr(backend, "choose", lambda *args: "triton")
-    monkeypatch.setattr(backend, "triton_available", lambda: False)
-    torch.testing.assert_close(layer(x), expected, rtol=0, atol=0)
+    compiled = torch.compile(layer, fullgraph=True, dynamic=True)
+    for rows in (7, 9, 33):
+        x = torch.randn(rows, 12, requires_grad=True)
+        torch.testing.assert_close(compiled(x), layer(x))
+    traced = [args for args in calls if args[5] is None]  # the rows are left out while tracing
+    assert traced and all(args[:5] == ("cpu", None, "float32", True, False) and args[6:] == (12, 5, 3)
+                          for args in traced)
+    torch._dynamo.reset()
 
 
 def test_an_empty_variable_means_measured_dispatch(monkeypatch):

@@ -15,7 +15,6 @@ faster for its GPU, dtype, mode and nearest shape (``dispatch.py``, data in ``di
 ``torch`` wherever nothing was measured, CPU tensors included.
 """
 
-import functools
 import os
 
 import torch
@@ -23,7 +22,7 @@ import torch
 from ..errors import PeftliteError
 from .autograd import lora_linear as torch_lora_linear
 from .autograd import needs_gradient, TORCH, TRITON
-from .dispatch import choose
+from .dispatch import choose, triton_available
 from .dropout import draw_seed, drop_positions_from_seed
 from .reference import lora_forward
 
@@ -40,15 +39,6 @@ def forced() -> str | None:
     if chosen == "triton" and not triton_available():
         raise PeftliteError(f"{VARIABLE}=triton, but the triton package is not installed (pip install triton).")
     return chosen
-
-
-@functools.cache
-def triton_available() -> bool:
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
 
 
 def reference_lora_linear(x, weight, bias, lora_A, lora_B, scaling: float, dropout: float = 0.0):
@@ -68,8 +58,6 @@ def lora_linear(x, weight, bias, lora_A, lora_B, scaling: float, dropout: float 
     if chosen is None:
         training = needs_gradient(x, weight, bias, lora_A, lora_B)
         chosen = choose(x, weight, lora_A, dropout, training)
-        if chosen == "triton" and not triton_available():
-            chosen = "torch"
     if chosen == "reference":
         return reference_lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout)
     kernels = TRITON if chosen == "triton" else TORCH

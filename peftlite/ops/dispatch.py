@@ -8,13 +8,15 @@ the backend of the nearest measured shape of its group,
 
     distance = |log2 M - log2 M'| + |log2 K - log2 K'| + |log2 N - log2 N'| + |log2 r - log2 r'|
 
-(under ``torch.compile`` without the M term: the rows may be symbolic there). A group with no entry
+(under ``torch.compile`` without the M term: the rows may be symbolic there, and the choice is made
+once while tracing and kept in the graph as a constant). A group with no entry
 (a GPU architecture nobody measured), CPU tensors, a missing ``triton`` package and shapes past the
 kernels' int32 offsets all run ``torch``: the Triton kernels run by default only where they were
 measured to win.
 """
 
 import functools
+import importlib.util
 import json
 import math
 from pathlib import Path
@@ -72,7 +74,6 @@ def distance(entry: Entry, m: Optional[int], k: int, n: int, rank: int) -> float
     return sum(abs(math.log2(a) - math.log2(b)) for a, b in pairs)
 
 
-@functools.lru_cache(maxsize=4096)
 def measured_backend(arch: str, dtype: str, mode: str, dropout: bool, m: Optional[int], k: int, n: int,
                      rank: int) -> str:
     """The backend measured faster at the nearest shape of the group, or ``torch`` for an empty group."""
@@ -87,9 +88,9 @@ def fits_int32(m: int, k: int, n: int) -> bool:
     return max(m * k, m * n, n * k) < MAX_OFFSET
 
 
-def architecture(device: torch.device) -> str:
-    major, minor = torch.cuda.get_device_capability(device)
-    return f"sm_{major}{minor}"
+@functools.cache
+def triton_available() -> bool:
+    return importlib.util.find_spec("triton") is not None
 
 
 def rows_bucket(m: int) -> int:
@@ -97,17 +98,33 @@ def rows_bucket(m: int) -> int:
     return 1 << max(m - 1, 0).bit_length()
 
 
+@functools.lru_cache(maxsize=4096)
+def decide(device_type: str, device_index: Optional[int], dtype: str, training: bool, dropout: bool,
+           rows: Optional[int], k: int, n: int, rank: int) -> str:
+    """The automatic choice from plain values: ``rows`` is M as a power of two, or None (left out)."""
+    if device_type != "cuda" or 0 in (k, n, rank) or rows == 0 or not triton_available():
+        return "torch"
+    major, minor = torch.cuda.get_device_capability(device_index)
+    return measured_backend(f"sm_{major}{minor}", dtype, "train" if training else "infer", dropout and training,
+                            rows, k, n, rank)
+
+
+@torch.compiler.assume_constant_result
+def decide_while_compiling(device_type: str, device_index: Optional[int], dtype: str, training: bool,
+                           dropout: bool, k: int, n: int, rank: int) -> str:
+    """:func:`decide` without the rows, run once while ``torch.compile`` traces (its result is a constant
+    of the graph: no file read, cache or device query is traced, no guard or recompile on the rows)."""
+    return decide(device_type, device_index, dtype, training, dropout, None, k, n, rank)
+
+
 def choose(x: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tensor, dropout: float, training: bool) -> str:
     """``torch`` or ``triton`` for a call with input ``x`` [..., K] (see the module docstring)."""
     (n, k), rank = weight.shape, lora_A.shape[0]
-    if x.device.type != "cuda" or 0 in (n, k, rank):
+    where, dtype = (x.device.type, x.device.index), str(x.dtype).removeprefix("torch.")
+    dropout_on = True if dropout else False  # a branch, so a symbolic float under torch.compile becomes a guard
+    if torch.compiler.is_compiling():
+        return decide_while_compiling(*where, dtype, training, dropout_on, k, n, rank)
+    m = x.numel() // k if k else 0
+    if not fits_int32(m, k, n):
         return "torch"
-    m = None  # under torch.compile the rows may be symbolic: no guard on them, no recompile per bucket
-    if not torch.compiler.is_compiling():
-        m = x.numel() // k
-        if m == 0 or not fits_int32(m, k, n):
-            return "torch"
-        m = rows_bucket(m)
-    mode = "train" if training else "infer"
-    return measured_backend(architecture(x.device), str(x.dtype).removeprefix("torch."), mode,
-                            bool(dropout) and training, m, k, n, rank)
+    return decide(*where, dtype, training, dropout_on, rows_bucket(m) if m else 0, k, n, rank)
