@@ -178,6 +178,24 @@ def test_cpu_results_are_refused_by_the_table_writer(tmp_path):
     assert not out.exists()
 
 
+def test_the_table_writer_merges_cuda_results_into_a_table_file(tmp_path):
+    results = tmp_path / "layer-cuda.json"
+    results.write_text(json.dumps(result(timed(1.10, 1.04) + timed(1.30, 1.02, mode="inference", m=1))))
+    out = tmp_path / "dispatch.json"
+    out.write_text(json.dumps({"about": "kept", "entries": [{**timed(0, 0)[0], "arch": "sm_80", "mode": "train",
+                                                             "dropout": False, "backend": "torch"}]}))
+    done = subprocess.run([sys.executable, str(BENCHMARKS / "dispatch_table.py"), str(results), "--out", str(out)],
+                          check=True, capture_output=True, text=True)
+    assert "2 measured shapes" in done.stdout and "-> triton" in done.stdout
+    table = json.loads(out.read_text())
+    assert table["about"] == "kept"
+    assert [(e["arch"], e["mode"], e["backend"]) for e in table["entries"]] == [
+        ("sm_80", "train", "torch"), ("sm_90", "infer", "triton"), ("sm_90", "train", "triton")]
+    assert {tuple(group) for group in dispatch.read_table(out)} == {("sm_80", "bfloat16", "train", False),
+                                                                  ("sm_90", "bfloat16", "infer", False),
+                                                                  ("sm_90", "bfloat16", "train", False)}
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_a_cuda_call_follows_the_table_for_its_architecture(table):
     arch = "sm_{}{}".format(*torch.cuda.get_device_capability())
