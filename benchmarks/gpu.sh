@@ -37,3 +37,10 @@ step model-cuda 115 python benchmarks/bench_model.py --device cuda --dtype bfloa
     --heads 16 --vocab 32000 --batch 4 --seq 1024 --rounds 20 --out "$out/model-cuda.json"
 step dispatch 15 python benchmarks/dispatch_table.py "$out"/layer-cuda*.json --out "$out/dispatch.json"  # commit as
 # peftlite/ops/dispatch.json: the measured torch-vs-Triton table the CUDA default follows
+# Time left in the call goes to the CPU rule measured only at 1 and 2 threads here: the row-block weight
+# gradients (ops/skinny.py) on this machine's many cores.
+left=$((590 - SECONDS))
+if [ "$left" -gt 30 ]; then
+    step skinny-many-cores "$left" python benchmarks/bench_skinny.py --threads 4 8 16 --m 2048 8192 --k 1024 4096 \
+        --ranks 16 64 --rounds 10 --out "$out/skinny-many-cores.json"
+fi
