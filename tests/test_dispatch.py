@@ -101,7 +101,8 @@ def test_cpu_tensors_run_torch_whatever_the_table_says(table, monkeypatch):
     table(timed(2.0, 1.0, dtype="float32"))
     monkeypatch.delenv("PEFTLITE_BACKEND", raising=False)
     layer = peftlite.LoRALinear(torch.nn.Linear(4096, 4096), rank=16)
-    assert dispatch.choose(torch.randn(8192, 4096), layer.weight, layer.lora_A, 0.0, True) == "torch"
+    parameters = (layer.weight, layer.bias, layer.lora_A, layer.lora_B)
+    assert dispatch.choose(torch.randn(8192, 4096), *parameters, 0.0) == "torch"
 
 
 def test_a_table_choice_of_triton_without_triton_installed_runs_torch(table, monkeypatch):
@@ -137,7 +138,7 @@ def test_an_empty_variable_means_measured_dispatch(monkeypatch):
 @pytest.mark.parametrize("m, k, n, fits", [(8192, 4096, 4096, True), (2**19, 4096, 1024, False),
                                            (4096, 2**19, 1024, False), (1, 2**16, 2**15, False)])
 def test_shapes_past_the_kernels_int32_offsets_are_not_sent_to_triton(m, k, n, fits):
-    assert dispatch.fits_int32(m, k, n) is fits
+    assert (dispatch.oversized(m, k, n) is None) is fits
 
 
 def test_rows_are_bucketed_to_powers_of_two():
@@ -202,5 +203,7 @@ def test_a_cuda_call_follows_the_table_for_its_architecture(table):
     table(timed(1.2, 1.0), arch=arch)
     layer = peftlite.LoRALinear(torch.nn.Linear(4096, 4096), rank=16).cuda().bfloat16()
     x = torch.randn(8192, 4096, device="cuda", dtype=torch.bfloat16)
-    assert dispatch.choose(x, layer.weight, layer.lora_A, 0.0, True) == "triton"
-    assert dispatch.choose(x, layer.weight, layer.lora_A, 0.0, False) == "torch"  # infer: not measured here
+    parameters = (layer.weight, layer.bias, layer.lora_A, layer.lora_B)
+    assert dispatch.choose(x, *parameters, 0.0) == "triton"  # lora_A and lora_B train: the train group
+    with torch.no_grad():
+        assert dispatch.choose(x, *parameters, 0.0) == "torch"  # infer: not measured here

@@ -21,7 +21,7 @@ import torch
 
 from ..errors import PeftliteError
 from .autograd import lora_linear as torch_lora_linear
-from .autograd import needs_gradient, TORCH, TRITON
+from .autograd import TORCH, TRITON
 from .dispatch import choose, triton_available
 from .dropout import draw_seed, drop_positions_from_seed
 from .reference import lora_forward
@@ -54,10 +54,7 @@ def reference_lora_linear(x, weight, bias, lora_A, lora_B, scaling: float, dropo
 
 def lora_linear(x, weight, bias, lora_A, lora_B, scaling: float, dropout: float = 0.0):
     """The low-rank update through the forced backend, else the measured one for this call."""
-    chosen = forced()
-    if chosen is None:
-        training = needs_gradient(x, weight, bias, lora_A, lora_B)
-        chosen = choose(x, weight, lora_A, dropout, training)
+    chosen = forced() or choose(x, weight, bias, lora_A, lora_B, dropout)
     if chosen == "reference":
         return reference_lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout)
     kernels = TRITON if chosen == "triton" else TORCH

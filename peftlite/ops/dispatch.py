@@ -25,6 +25,7 @@ from typing import NamedTuple, Optional
 import torch
 
 from ..errors import PeftliteError
+from .autograd import needs_gradient
 
 TABLE = Path(__file__).with_name("dispatch.json")
 MAX_OFFSET = 2**31  # the Triton kernels' offsets and dropout counters are int32: M*K, M*N and N*K stay below
@@ -83,9 +84,11 @@ def measured_backend(arch: str, dtype: str, mode: str, dropout: bool, m: Optiona
     return min(group, key=lambda entry: distance(entry, m, k, n, rank)).backend
 
 
-def fits_int32(m: int, k: int, n: int) -> bool:
-    """Whether x [M, K], y [M, N] and W [N, K] are small enough for the Triton kernels' int32 offsets."""
-    return max(m * k, m * n, n * k) < MAX_OFFSET
+def oversized(m: int, k: int, n: int) -> Optional[tuple[str, int]]:
+    """``(name, elements)`` of the first of x [M, K], y [M, N], W [N, K] too large for the Triton kernels'
+    int32 offsets, or None when all fit."""
+    sizes = (("x [M, K]", m * k), ("y [M, N]", m * n), ("W [N, K]", n * k))
+    return next(((name, elements) for name, elements in sizes if elements >= MAX_OFFSET), None)
 
 
 @functools.cache
@@ -117,14 +120,19 @@ def decide_while_compiling(device_type: str, device_index: Optional[int], dtype:
     return decide(device_type, device_index, dtype, training, dropout, None, k, n, rank)
 
 
-def choose(x: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tensor, dropout: float, training: bool) -> str:
+def choose(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], lora_A: torch.Tensor,
+           lora_B: torch.Tensor, dropout: float) -> str:
     """``torch`` or ``triton`` for a call with input ``x`` [..., K] (see the module docstring)."""
+    compiling = torch.compiler.is_compiling()
+    if x.device.type != "cuda" and not compiling:  # eager CPU calls: nothing to look up
+        return "torch"
     (n, k), rank = weight.shape, lora_A.shape[0]
     where, dtype = (x.device.type, x.device.index), str(x.dtype).removeprefix("torch.")
+    training = needs_gradient(x, weight, bias, lora_A, lora_B)
     dropout_on = True if dropout else False  # a branch, so a symbolic float under torch.compile becomes a guard
-    if torch.compiler.is_compiling():
+    if compiling:
         return decide_while_compiling(*where, dtype, training, dropout_on, k, n, rank)
     m = x.numel() // k if k else 0
-    if not fits_int32(m, k, n):
+    if oversized(m, k, n):
         return "torch"
     return decide(*where, dtype, training, dropout_on, rows_bucket(m) if m else 0, k, n, rank)
