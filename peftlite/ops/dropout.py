@@ -38,16 +38,19 @@ def logical_shift(z: torch.Tensor, bits: int, out: torch.Tensor = None) -> torch
     return shifted.bitwise_and_((1 << (64 - bits)) - 1)
 
 
-def hash_uniform(z: torch.Tensor, scratch: torch.Tensor, seed: int, first: int) -> torch.Tensor:
-    """Numbers ``2 * first .. 2 * (first + H) - 1`` of stream ``seed``, uniform on the float32 grid of [0, 1),
-    computed in ``z``'s storage: returns a float32 view of ``z`` [2H].
+def hash_uniform(z: torch.Tensor, scratch: torch.Tensor, seed: int, first: int,
+                 scale: float = 2.0**-24) -> torch.Tensor:
+    """Numbers ``2 * first .. 2 * (first + H) - 1`` of stream ``seed``, uniform on the float32 grid of [0, 1)
+    and multiplied by ``scale / 2**-24`` (exact: -1 gives ``-U``), computed in ``z``'s storage: returns a
+    float32 view of ``z`` [2H].
 
     ``z`` and ``scratch`` are int64 [H] and do not overlap; ``scratch`` is overwritten. Hash ``j``
     gives numbers ``2j`` and ``2j + 1``: the top 24 bits of its low and of its high 32-bit half.
     Every step is in place: fresh tensors per step (and the page faults of each new buffer) cost
     more than the arithmetic.
     """
-    torch.arange(first, first + z.numel(), out=z).mul_(GOLDEN).add_(seed)
+    counters = torch.arange(first, first + z.numel(), out=z)
+    torch.add(torch.tensor(seed, dtype=torch.int64), counters, alpha=GOLDEN, out=z)  # seed + j golden (a CPU scalar)
     for bits, mix in ((30, MIX1), (27, MIX2), (31, None)):  # z ^= z >>> bits; z *= mix (the products wrap)
         z.bitwise_xor_(logical_shift(z, bits, out=scratch))
         if mix is not None:
@@ -57,26 +60,30 @@ def hash_uniform(z: torch.Tensor, scratch: torch.Tensor, seed: int, first: int) 
         z.bitwise_left_shift_(32).bitwise_or_(high)
     halves = z.view(torch.int32).bitwise_right_shift_(8).bitwise_and_(0xFFFFFF)  # [2H], each below 2**24
     numbers = z.view(torch.float32)
-    return numbers.copy_(halves).mul_(2.0 ** -24)  # element i read, then written in place: same bytes
+    return numbers.copy_(halves).mul_(scale)  # element i read, then written in place: same bytes
 
 
-def uniform(seed: int, start: int, count: int, device=None) -> torch.Tensor:
-    """Numbers ``start .. start + count - 1`` of stream ``seed``, uniform on the float32 grid of [0, 1)."""
+def uniform(seed: int, start: int, count: int, device=None, scale: float = 2.0**-24) -> torch.Tensor:
+    """Numbers ``start .. start + count - 1`` of stream ``seed``, uniform on the float32 grid of [0, 1)
+    (times ``scale / 2**-24``, as in :func:`hash_uniform`)."""
     first = start // 2
     z, scratch = torch.empty(2, (start + count + 1) // 2 - first, dtype=torch.int64, device=device)
     skip = start - 2 * first
-    return hash_uniform(z, scratch, seed, first)[skip: skip + count]
+    return hash_uniform(z, scratch, seed, first, scale)[skip: skip + count]
 
 
-def gaps_(numbers: torch.Tensor, p: float) -> torch.Tensor:
-    """Uniforms ``U`` -> ``floor(log(1 - U) / log(1 - p))``, Geometric(p) on {0, 1, ...}, in place."""
-    return numbers.neg_().log1p_().mul_(1.0 / math.log1p(-p)).floor_()
+def steps_(negated: torch.Tensor, p: float) -> torch.Tensor:
+    """Negated uniforms ``-U`` -> ``floor(log(1 - U) / log(1 - p)) + 1``, 1 + Geometric(p), in place (float32).
+
+    The uniforms come negated (:func:`hash_uniform`'s ``scale``) so no pass is spent on ``1 - U``.
+    """
+    return negated.log1p_().mul_(1.0 / math.log1p(-p)).floor_().add_(1)
 
 
 def steps(seed: int, start: int, count: int, p: float, device=None) -> torch.Tensor:
     """Distances ``1 + Geometric(p)`` from one dropped position to the next, int64: numbers ``start ..
     start + count - 1`` of stream ``seed``, each ``floor(log(1 - U) / log(1 - p)) + 1``."""
-    return gaps_(uniform(seed, start, count, device), p).to(torch.int64).add_(1)
+    return steps_(uniform(seed, start, count, device, scale=-(2.0**-24)), p).to(torch.int64)
 
 
 def drop_positions(numel: int, p: float, seed: int, device=None) -> torch.Tensor:
@@ -118,8 +125,10 @@ def drop_positions_padded(numel: int, p: float, seed: int, device=None) -> torch
     hashes = (count + 1) // 2
     buffer = torch.empty(count + hashes, dtype=torch.int64, device=device)  # one buffer: [positions | hashes]
     positions = buffer[:count]
-    numbers = hash_uniform(buffer[count:], buffer[:hashes], seed, 0)[:count]  # the first half is scratch till now
-    positions.copy_(gaps_(numbers, p)).add_(1).cumsum_(0).sub_(1)  # position i: steps 0..i, less 1
+    negated = hash_uniform(buffer[count:], buffer[:hashes], seed, 0, -(2.0**-24))[:count]  # first half: scratch
+    positions.copy_(steps_(negated, p))
+    positions[:1].sub_(1)
+    positions.cumsum_(0)  # position i: steps 0..i, less 1
     torch._assert_async(positions[-1] >= numel - 1)
     return positions.clamp_(max=numel)
 
