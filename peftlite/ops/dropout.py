@@ -30,6 +30,7 @@ MIX1 = 0xBF58476D1CE4E5B9 - (1 << 64)
 MIX2 = 0x94D049BB133111EB - (1 << 64)
 NO_SEED = torch.zeros((), dtype=torch.int64)
 LITTLE_ENDIAN = sys.byteorder == "little"  # int64 -> (low, high) int32 halves
+UNIT = 2.0**-24  # one step of the float32 grid the uniforms live on; -UNIT draws them negated
 
 
 def logical_shift(z: torch.Tensor, bits: int, out: torch.Tensor = None) -> torch.Tensor:
@@ -38,11 +39,10 @@ def logical_shift(z: torch.Tensor, bits: int, out: torch.Tensor = None) -> torch
     return shifted.bitwise_and_((1 << (64 - bits)) - 1)
 
 
-def hash_uniform(z: torch.Tensor, scratch: torch.Tensor, seed: int, first: int,
-                 scale: float = 2.0**-24) -> torch.Tensor:
-    """Numbers ``2 * first .. 2 * (first + H) - 1`` of stream ``seed``, uniform on the float32 grid of [0, 1)
-    and multiplied by ``scale / 2**-24`` (exact: -1 gives ``-U``), computed in ``z``'s storage: returns a
-    float32 view of ``z`` [2H].
+def hash_uniform(z: torch.Tensor, scratch: torch.Tensor, seed: int, first: int, scale: float = UNIT) -> torch.Tensor:
+    """Numbers ``2 * first .. 2 * (first + H) - 1`` of stream ``seed``, ``scale * h`` for 24-bit integers ``h``:
+    uniform on the float32 grid of [0, 1) with the default ``UNIT``, negated with ``-UNIT`` (exact),
+    computed in ``z``'s storage: returns a float32 view of ``z`` [2H].
 
     ``z`` and ``scratch`` are int64 [H] and do not overlap; ``scratch`` is overwritten. Hash ``j``
     gives numbers ``2j`` and ``2j + 1``: the top 24 bits of its low and of its high 32-bit half.
@@ -63,9 +63,9 @@ def hash_uniform(z: torch.Tensor, scratch: torch.Tensor, seed: int, first: int,
     return numbers.copy_(halves).mul_(scale)  # element i read, then written in place: same bytes
 
 
-def uniform(seed: int, start: int, count: int, device=None, scale: float = 2.0**-24) -> torch.Tensor:
+def uniform(seed: int, start: int, count: int, device=None, scale: float = UNIT) -> torch.Tensor:
     """Numbers ``start .. start + count - 1`` of stream ``seed``, uniform on the float32 grid of [0, 1)
-    (times ``scale / 2**-24``, as in :func:`hash_uniform`)."""
+    (negated with ``scale=-UNIT``, as in :func:`hash_uniform`)."""
     first = start // 2
     z, scratch = torch.empty(2, (start + count + 1) // 2 - first, dtype=torch.int64, device=device)
     skip = start - 2 * first
@@ -83,7 +83,7 @@ def steps_(negated: torch.Tensor, p: float) -> torch.Tensor:
 def steps(seed: int, start: int, count: int, p: float, device=None) -> torch.Tensor:
     """Distances ``1 + Geometric(p)`` from one dropped position to the next, int64: numbers ``start ..
     start + count - 1`` of stream ``seed``, each ``floor(log(1 - U) / log(1 - p)) + 1``."""
-    return steps_(uniform(seed, start, count, device, scale=-(2.0**-24)), p).to(torch.int64)
+    return steps_(uniform(seed, start, count, device, scale=-UNIT), p).to(torch.int64)
 
 
 def drop_positions(numel: int, p: float, seed: int, device=None) -> torch.Tensor:
@@ -125,10 +125,10 @@ def drop_positions_padded(numel: int, p: float, seed: int, device=None) -> torch
     hashes = (count + 1) // 2
     buffer = torch.empty(count + hashes, dtype=torch.int64, device=device)  # one buffer: [positions | hashes]
     positions = buffer[:count]
-    negated = hash_uniform(buffer[count:], buffer[:hashes], seed, 0, -(2.0**-24))[:count]  # first half: scratch
+    negated = hash_uniform(buffer[count:], buffer[:hashes], seed, 0, -UNIT)[:count]  # first half: scratch
     positions.copy_(steps_(negated, p))
-    positions[:1].sub_(1)
-    positions.cumsum_(0)  # position i: steps 0..i, less 1
+    positions[:1].sub_(1)  # then position i = steps 0..i, less 1
+    positions.cumsum_(0)
     torch._assert_async(positions[-1] >= numel - 1)
     return positions.clamp_(max=numel)
 
