@@ -1,4 +1,9 @@
-"""The one exception peftlite raises for bad input."""
+"""The one exception peftlite raises for bad input, and the option checks shared by every method."""
+
+import math
+import re
+
+ADAPTER_NAME = re.compile(r"[A-Za-z0-9_\-]+")
 
 
 class PeftliteError(ValueError):
@@ -7,3 +12,34 @@ class PeftliteError(ValueError):
     The message says what was given, what was expected and how to fix it. Any call that raises
     it leaves the model exactly as it was before the call.
     """
+
+
+def check_positive_int(name: str, value, hint: str = "") -> None:
+    """Raise unless ``value`` is an int >= 1 (a bool is not an int here)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise PeftliteError(f"{name}={value!r}: expected an integer >= 1{f' ({hint})' if hint else ''}.")
+
+
+def check_probability(name: str, value) -> None:
+    """Raise unless ``value`` is a number in [0, 1)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
+        raise PeftliteError(f"{name}={value!r}: expected a probability in [0, 1). Pass e.g. {name}=0.05, or 0.")
+
+
+def check_finite(name: str, value) -> None:
+    """Raise unless ``value`` is a finite int or float (not a bool)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise PeftliteError(f"{name}={value!r}: expected a finite number.")
+
+
+def check_flag(name: str, value) -> None:
+    """Raise unless ``value`` is a bool: a string such as "false" would read as True."""
+    if not isinstance(value, bool):
+        raise PeftliteError(f"{name}={value!r}: expected True or False.")
+
+
+def check_adapter_name(name) -> None:
+    """Raise unless ``name`` can be an adapter name: one dotted component of state-dict keys."""
+    if not isinstance(name, str) or not ADAPTER_NAME.fullmatch(name):
+        raise PeftliteError(f"name={name!r}: an adapter name is a non-empty string of letters, digits, '_' and '-' "
+                            "(it becomes one component of state-dict keys). Pass e.g. name='default'.")

@@ -1,189 +1,332 @@
-"""LoRALinear: low-rank adaptation of a held ``nn.Linear`` (Hu et al. 2021, arXiv 2106.09685)."""
+"""LoRA on a module of any supported kind, adapters stored by name (Hu et al. 2021, arXiv 2106.09685).
 
+    y = base(x) + sum over adapters n of scaling_n * branch_n(dropout(x))
+
+``branch`` and the shapes of A and B come from the module's kind (``kinds.py``); for a Linear,
+``branch(x) = x A^T B^T`` with x [..., in], A [r, in], B [out, r]. scaling = alpha / r
+(alpha / sqrt(r) with rslora).
+
+Adapting a module changes its class in place to a generated subclass ``LoRA<Class>`` of
+(:class:`LoRALayer`, its class): :class:`LoRALinear` for an exact ``nn.Linear``. The module keeps
+its identity, path, parameters, buffers, hooks and ``isinstance`` checks, and its own class's
+forward still runs: the low-rank term is added to what it returns. It gains two children,
+``lora_A`` and ``lora_B`` (``nn.ParameterDict`` by adapter name), so its state-dict keys become
+``<path>.lora_A.<name>`` and ``<path>.lora_B.<name>`` beside the unchanged base keys.
+:func:`release` gives the module its class back. Why a class swap and not hooks: ``docs/design.md``.
+
+For an exact ``nn.Linear`` with one adapter the forward is one fused op (``ops/autograd.py``): the
+low-rank term is accumulated into the base GEMM, and dropout is a seed, not a mask.
+"""
+
+import functools
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import PeftliteError
-from . import exact_merge
-from .exact_merge import MergeResidual
+from .errors import PeftliteError, check_adapter_name, check_flag, check_positive_int, check_probability
+from .kinds import LINEAR, Kind, require_kind
+from .ops import exact_merge
 from .ops.backend import lora_linear
 
 INITS = ("default", "gaussian")
+HALF = (torch.float16, torch.bfloat16)
 
 
-def check_lora_options(rank, alpha, dropout, init) -> None:
+@dataclass(frozen=True)
+class LoRASettings:
+    """One adapter's hyper-parameters; ``scaling`` is derived, never stored."""
+
+    rank: int
+    alpha: float
+    dropout: float = 0.0
+    rslora: bool = False
+
+    @property
+    def scaling(self) -> float:
+        """``alpha / rank``, or ``alpha / sqrt(rank)`` for rank-stabilized LoRA (Kalajdzievski 2023)."""
+        return self.alpha / math.sqrt(self.rank) if self.rslora else self.alpha / self.rank
+
+
+def check_lora_options(rank, alpha, dropout, init, rslora=False) -> None:
     """Raise :class:`PeftliteError` unless the LoRA hyper-parameters are usable."""
-    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
-        raise PeftliteError(f"rank={rank!r}: expected an integer >= 1 (typical: 4 to 64). Pass e.g. rank=8.")
-    if alpha is not None and (isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not alpha > 0):
-        raise PeftliteError(
-            f"alpha={alpha!r}: expected a number > 0, or None for alpha = rank. "
-            "scaling is alpha / rank, so e.g. alpha=16 with rank=8 doubles the update."
-        )
-    if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
-        raise PeftliteError(f"dropout={dropout!r}: expected a probability in [0, 1). Pass e.g. dropout=0.05, or 0.")
+    check_positive_int("rank", rank, "typical: 4 to 64. Pass e.g. rank=8")
+    if alpha is not None and (isinstance(alpha, bool) or not isinstance(alpha, (int, float))
+                              or not math.isfinite(alpha) or not alpha > 0):
+        raise PeftliteError(f"alpha={alpha!r}: expected a finite number > 0, or None for alpha = rank. "
+                            "scaling is alpha / rank, so e.g. alpha=16 with rank=8 doubles the update.")
+    check_probability("dropout", dropout)
+    check_flag("rslora", rslora)
     if init not in INITS:
         raise PeftliteError(f"init={init!r}: expected one of {', '.join(map(repr, INITS))}.")
 
 
-def lora_scaling(rank: int, alpha: float, rslora: bool) -> float:
-    """``alpha / rank``, or ``alpha / sqrt(rank)`` for rank-stabilized LoRA (Kalajdzievski 2023)."""
-    return alpha / math.sqrt(rank) if rslora else alpha / rank
+def check_adapter_dtype(dtype) -> None:
+    if dtype is not None and dtype not in (torch.float32, torch.float64, *HALF):
+        raise PeftliteError(f"adapter_dtype={dtype!r}: expected torch.float32, torch.float64, torch.bfloat16, "
+                            "torch.float16, or None (float32 on 16-bit bases, else the base weight's dtype).")
 
 
-class LoRALinear(nn.Module):
-    """An ``nn.Linear`` plus a trainable low-rank update; the base weight stays frozen.
+def adapter_dtype_for(weight: torch.Tensor, dtype) -> torch.dtype:
+    """The adapters' dtype: ``dtype`` if given, else float32 on a 16-bit base (as PEFT), else the weight's."""
+    if dtype is not None:
+        return dtype
+    return torch.float32 if weight.dtype in HALF else weight.dtype
 
-    ``y = x W^T + b + scaling * (dropout(x) A^T) B^T``
 
-    x: [..., in]    W: [out, in] (frozen, the base layer's own Parameter, not a copy)
-    A: [rank, in]   B: [out, rank]   scaling = alpha / rank (alpha / sqrt(rank) with rslora)
+class LoRALayer(nn.Module):
+    """The part of an adapted module's class that LoRA adds; always first in its bases.
 
-    State-dict keys: the base's ``weight`` and ``bias`` keep their names; ``lora_A`` and
-    ``lora_B`` are added. ``init="default"`` draws A Kaiming-uniform and zeros B, so the layer
-    starts equal to the base; ``init="gaussian"`` draws A from N(0, std=1/rank).
-
-    >>> layer = LoRALinear(nn.Linear(16, 4), rank=2)
-    >>> layer(torch.randn(3, 5, 16)).shape
-    torch.Size([3, 5, 4])
+    State, besides the two ``ParameterDict`` children: ``lora_kind`` (the module's kind),
+    ``lora_settings`` (name -> :class:`LoRASettings`) and ``lora_merge`` (while merged: the
+    adapter names folded into the weight and what an exact unmerge needs).
     """
 
-    def __init__(self, base: nn.Linear, rank: int = 8, alpha=None, dropout: float = 0.0, rslora: bool = False,
-                 init: str = "default"):
-        super().__init__()
-        check_base(base)
-        check_lora_options(rank, alpha, dropout, init)
-        self.in_features, self.out_features = base.in_features, base.out_features
-        self.weight = base.weight
-        self.bias = base.bias
-        self.weight.requires_grad_(False)
-        if self.bias is not None:
-            self.bias.requires_grad_(False)
-        self.rank = rank
-        self.alpha = float(rank if alpha is None else alpha)
-        self.rslora = bool(rslora)
-        self.scaling = lora_scaling(rank, self.alpha, self.rslora)
-        self.dropout = float(dropout)
-        factory = {"device": base.weight.device, "dtype": base.weight.dtype}
-        self.lora_A = nn.Parameter(torch.empty(rank, self.in_features, **factory))
-        self.lora_B = nn.Parameter(torch.zeros(self.out_features, rank, **factory))
-        self.merged = False
-        self._residual: MergeResidual | None = None
-        self._merged_key = None
-        self.reset_lora(init)
+    lora_A: nn.ParameterDict
+    lora_B: nn.ParameterDict
 
-    def reset_lora(self, init: str = "default") -> None:
-        """Redraw ``lora_A`` and zero ``lora_B``: the layer equals its base again (if unmerged)."""
-        if self.merged:
-            raise PeftliteError("reset_lora() on a merged layer would lose the merged update; unmerge() first.")
-        check_lora_options(self.rank, self.alpha, self.dropout, init)
-        with torch.no_grad():
-            if init == "gaussian":
-                nn.init.normal_(self.lora_A, std=1.0 / self.rank)
-            else:
-                nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
-            self.lora_B.zero_()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.merged:
+    def forward(self, *args, **kwargs):
+        if self.lora_merge is not None:
             self._refuse_training_while_merged()
-            return F.linear(x, self.weight, self.bias)
-        dropout = self.dropout if self.training else 0.0
-        weight, bias, lora_A, lora_B = self.weight, self.bias, self.lora_A, self.lora_B
+            return super().forward(*args, **kwargs)
+        names = list(self.lora_settings)
+        if type(self) is LoRALinear and len(names) == 1 and not kwargs and len(args) == 1:
+            return self._fused_linear(args[0], names[0])
+        out = super().forward(*args, **kwargs)
+        x = args[0] if args else next(iter(kwargs.values()))
+        for name in names:
+            out = out + self._lora_term(x, out.dtype, name)
+        return out
+
+    def _lora_term(self, x: torch.Tensor, dtype: torch.dtype, name: str) -> torch.Tensor:
+        """``scaling * branch(dropout(x))`` in the base output's dtype (autocast's when it is on)."""
+        settings = self.lora_settings[name]
+        if x.is_floating_point():
+            x = x.to(dtype)
+            if self.lora_kind.takes_dropout and settings.dropout and self.training:
+                x = F.dropout(x, settings.dropout, training=True)
+        term = self.lora_kind.branch(self, x, self.lora_A[name].to(dtype), self.lora_B[name].to(dtype))
+        return term * settings.scaling
+
+    def _fused_linear(self, x: torch.Tensor, name: str) -> torch.Tensor:
+        """``F.linear(x, W, b)`` plus the low-rank term as one op; adapters cast to the compute dtype."""
+        settings = self.lora_settings[name]
+        dropout = settings.dropout if self.training else 0.0
+        weight, bias, lora_A, lora_B = self.weight, self.bias, self.lora_A[name], self.lora_B[name]
         device = x.device.type
         if torch.is_autocast_enabled(device):  # a custom Function is not autocast: cast as F.linear would
             dtype = torch.get_autocast_dtype(device)
             with torch.autocast(device, enabled=False):
                 return lora_linear(x.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype),
-                                   lora_A.to(dtype), lora_B.to(dtype), self.scaling, dropout)
-        return lora_linear(x, weight, bias, lora_A, lora_B, self.scaling, dropout)
+                                   lora_A.to(dtype), lora_B.to(dtype), settings.scaling, dropout)
+        return lora_linear(x, weight, bias, lora_A.to(x.dtype), lora_B.to(x.dtype), settings.scaling, dropout)
+
+    @property
+    def merged(self) -> bool:
+        return self.lora_merge is not None
+
+    def reset_lora(self, init: str = "default") -> None:
+        """Redraw every adapter's starting values: the layer equals its base again (if unmerged)."""
+        if self.merged:
+            raise PeftliteError("reset_lora() on a merged layer would lose the merged update; unmerge() first.")
+        if init not in INITS:
+            raise PeftliteError(f"init={init!r}: expected one of {', '.join(map(repr, INITS))}.")
+        with torch.no_grad():
+            for name, settings in self.lora_settings.items():
+                self.lora_kind.init_(self.lora_A[name], self.lora_B[name], init, settings.rank)
 
     def delta_weight(self) -> torch.Tensor:
-        """``scaling * B @ A`` as a new [out, in] tensor, in float32 (float64 for float64 layers)."""
-        return self._delta_rows(0, self.out_features)
+        """``sum_n scaling_n * delta_n`` in the weight's layout, float32 (float64 for float64 weights)."""
+        return self._delta_rows(list(self.lora_settings))(0, self.weight.shape[0])
 
-    def _delta_rows(self, r0: int, r1: int) -> torch.Tensor:
-        """Rows ``r0:r1`` of :meth:`delta_weight`: ``scaling * B[r0:r1] @ A``."""
+    def _delta_rows(self, names: list[str]):
+        """``(r0, r1) -> rows r0:r1 of the summed delta`` for :mod:`exact_merge`."""
         dtype = torch.promote_types(self.weight.dtype, torch.float32)
         with torch.no_grad():
-            return torch.mm(self.lora_B[r0:r1].to(dtype), self.lora_A.to(dtype)).mul_(self.scaling)
+            parts = [(self.lora_A[n].to(dtype), self.lora_B[n].to(dtype), self.lora_settings[n].scaling)
+                     for n in names]
+
+        def rows(r0: int, r1: int) -> torch.Tensor:
+            with torch.no_grad():
+                total = None
+                for lora_A, lora_B, scaling in parts:
+                    delta = self.lora_kind.delta_rows(lora_A, lora_B, r0, r1).mul_(scaling)
+                    total = delta if total is None else total.add_(delta)
+                return total
+        return rows
 
     def merge(self) -> None:
-        """Fold the update into ``weight`` in place: ``W <- round(W + scaling * B A)``. Idempotent.
+        """Fold every adapter into ``weight`` in place: ``W <- round(W + delta)``. Idempotent.
 
-        Afterwards a forward costs one plain linear. Raises :class:`PeftliteError` (weight
-        unchanged) if the merged weight would hold NaN or Inf.
+        Raises :class:`PeftliteError` (weight unchanged) if the merged weight would hold NaN or Inf.
         """
         if self.merged:
             return
         if not self.merge_is_finite():
-            raise PeftliteError(
-                f"merging this layer ({self.out_features}x{self.in_features}, rank {self.rank}) gives NaN or Inf "
-                "weights; nothing was changed. Check lora_A/lora_B for NaN/Inf or overflow in the weight's dtype."
-            )
+            raise PeftliteError(f"merging this {type(self).__name__} gives NaN or Inf weights; nothing was changed. "
+                                "Check lora_A/lora_B for NaN/Inf or overflow in the weight's dtype.")
         self.commit_merge()
 
     def merge_is_finite(self) -> bool:
         """Whether :meth:`merge` would give a weight free of NaN and Inf (checks, changes nothing)."""
-        return exact_merge.merge_is_finite(self.weight.detach(), self._delta_rows)
+        return exact_merge.merge_is_finite(self.weight.detach(), self._delta_rows(list(self.lora_settings)))
 
     def commit_merge(self) -> None:
         """Merge without the finiteness check; ``merge(model)`` checks every layer first, then commits."""
+        names = list(self.lora_settings)
         with torch.no_grad():
-            self._residual = exact_merge.merge_exact_(self.weight.detach(), self._delta_rows)
-        self._merged_key = self._merge_key()
-        self.merged = True
+            residual = exact_merge.merge_exact_(self.weight.detach(), self._delta_rows(names))
+        self.lora_merge = MergeState(names, residual, self._merge_key())
 
     def unmerge(self) -> None:
-        """Take the update out of ``weight`` again, restoring it bit-exactly. Idempotent."""
+        """Take the adapters out of ``weight`` again, restoring it bit-exactly. Idempotent."""
         if not self.merged:
             return
         if not self.exactly_unmergeable():
             raise PeftliteError(
-                "the weight or lora_A/lora_B were modified, or the layer was moved to another dtype or device, while "
+                "the weight or an adapter was modified, or the layer was moved to another dtype or device, while "
                 "it was merged, so unmerge() can no longer recover the original weight exactly. Reload the base "
-                "weights (and the adapter) instead; to change or move an adapter, unmerge first."
-            )
+                "weights (and the adapter) instead; to change or move an adapter, unmerge first.")
         with torch.no_grad():
-            exact_merge.unmerge_exact_(self.weight.detach(), self._delta_rows, self._residual)
-        self._residual = None
-        self.merged = False
+            exact_merge.unmerge_exact_(self.weight.detach(), self._delta_rows(self.lora_merge.names),
+                                       self.lora_merge.residual)
+        self.lora_merge = None
 
     def exactly_unmergeable(self) -> bool:
-        """False if the weight, adapter, dtype or device changed since :meth:`merge` (meaningful while merged)."""
-        return self._merge_key() == self._merged_key
+        """False if the weight, an adapter, a dtype or device changed since :meth:`merge` (while merged)."""
+        return self._merge_key() == self.lora_merge.key
 
     def _merge_key(self) -> tuple:
         """What must not change between merge and unmerge for the exact inverse to hold."""
-        return (self.weight._version, self.lora_A._version, self.lora_B._version, self.weight.dtype,
-                self.weight.device, self.lora_A.dtype, self.lora_A.device)
+        adapters = [(t._version, t.dtype, t.device) for n in self.lora_settings
+                    for t in (self.lora_A[n], self.lora_B[n])]
+        return (self.weight._version, self.weight.dtype, self.weight.device, tuple(self.lora_settings.items()),
+                tuple(adapters))
 
     def merge_state_bytes(self) -> int:
         """Bytes held to make :meth:`unmerge` exact (0 while unmerged)."""
-        return 0 if self._residual is None else self._residual.nbytes()
+        return 0 if self.lora_merge is None else self.lora_merge.residual.nbytes()
 
     def _refuse_training_while_merged(self) -> None:
-        adapter_trains = self.lora_A.requires_grad or self.lora_B.requires_grad
+        adapter_trains = any(p.requires_grad for p in (*self.lora_A.values(), *self.lora_B.values()))
         if self.training and adapter_trains and torch.is_grad_enabled():
             raise PeftliteError(
                 "forward in training mode on a merged LoRA layer: the adapter would get no gradient. "
-                "Call peftlite.unmerge(model) before training, or model.eval() / torch.no_grad() for inference."
-            )
+                "Call peftlite.unmerge(model) before training, or model.eval() / torch.no_grad() for inference.")
 
     def extra_repr(self) -> str:
-        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
-                f"rank={self.rank}, alpha={self.alpha:g}, scaling={self.scaling:g}, dropout={self.dropout:g}, "
-                f"rslora={self.rslora}, merged={self.merged}")
+        adapters = ", ".join(f"{n}: rank={s.rank}, alpha={s.alpha:g}, dropout={s.dropout:g}, rslora={s.rslora}"
+                             for n, s in self.lora_settings.items())
+        return f"{super().extra_repr()}, lora={{{adapters}}}, merged={self.merged}"
 
 
-def check_base(base) -> None:
-    """Raise :class:`PeftliteError` unless ``base`` is an ``nn.Linear`` with a floating weight."""
-    if isinstance(base, LoRALinear):
-        raise PeftliteError("this layer already has LoRA; call peftlite.unload() first to replace it with a new one.")
-    if not isinstance(base, nn.Linear):
-        raise PeftliteError(f"LoRALinear wraps an nn.Linear, got {type(base).__name__}. Target the Linear layers.")
-    if not base.weight.is_floating_point():
-        raise PeftliteError(f"the Linear's weight has dtype {base.weight.dtype}; LoRA needs a floating-point weight.")
+@dataclass
+class MergeState:
+    """While merged: which adapters are in the weight, the exact-unmerge residual, the unchanged-state key."""
+
+    names: list[str]
+    residual: exact_merge.MergeResidual
+    key: tuple
+
+
+class LoRALinear(LoRALayer, nn.Linear):
+    """An ``nn.Linear`` with LoRA: ``y = x W^T + b + scaling * (dropout(x) A^T) B^T``, W frozen.
+
+    ``LoRALinear(base, rank=8, alpha=None, dropout=0.0, rslora=False, init="default",
+    name="default", adapter_dtype=None)`` adapts ``base`` (an exact ``nn.Linear``) in place and
+    returns it: the same object, now of this class, holding its own weight and bias (never a
+    copy) plus ``lora_A[name]`` [rank, in] and ``lora_B[name]`` [out, rank]. ``init="default"``
+    draws A Kaiming-uniform and zeros B, so the layer starts equal to the base; ``"gaussian"``
+    draws A from N(0, 1/rank). Other layer kinds: ``peftlite.inject(model, targets=[...])``.
+
+    >>> layer = LoRALinear(nn.Linear(16, 4), rank=2)
+    >>> layer(torch.randn(3, 5, 16)).shape
+    torch.Size([3, 5, 4])
+    >>> sorted(layer.state_dict())
+    ['bias', 'lora_A.default', 'lora_B.default', 'weight']
+    """
+
+    def __new__(cls, base: nn.Linear, rank: int = 8, alpha=None, dropout: float = 0.0, rslora: bool = False,
+                init: str = "default", name: str = "default", adapter_dtype=None):
+        if isinstance(base, LoRALayer):
+            raise PeftliteError("this layer already has LoRA; call peftlite.unload() first to give it a new one.")
+        if type(base) is not nn.Linear:
+            raise PeftliteError(f"LoRALinear adapts an nn.Linear, got {type(base).__name__}. For other layer kinds "
+                                "(Linear subclasses, Conv1D, Embedding, Conv) use peftlite.inject(model, "
+                                "targets=[...]).")
+        add_lora(base, *plan_lora("LoRALinear", base, name, rank, alpha, dropout, rslora, init, adapter_dtype))
+        base.weight.requires_grad_(False)
+        if base.bias is not None:
+            base.bias.requires_grad_(False)
+        return base
+
+    def __init__(self, *args, **kwargs):  # everything happened in __new__; nn.Module.__init__ would reset it
+        pass
+
+
+def plan_lora(where: str, module: nn.Module, name: str, rank, alpha, dropout, rslora, init, adapter_dtype) -> tuple:
+    """Check that ``module`` can take adapter ``name``; return :func:`add_lora`'s arguments. Changes nothing."""
+    check_lora_options(rank, alpha, dropout, init, rslora)
+    check_adapter_name(name)
+    check_adapter_dtype(adapter_dtype)
+    kind = require_kind(where, module)
+    if isinstance(module, LoRALayer):
+        if module.merged:
+            raise PeftliteError(f"module '{where}' is merged; call peftlite.unmerge(model) before adding adapters.")
+        if name in module.lora_settings:
+            raise PeftliteError(f"module '{where}' already has a LoRA adapter named {name!r}. To start over, call "
+                                "peftlite.unload(model) first, or leave it out of targets.")
+        raise PeftliteError(f"module '{where}' already has LoRA adapter(s) {list(module.lora_settings)}; one adapter "
+                            f"per module is supported for now, so {name!r} cannot be added. Call "
+                            "peftlite.unload(model) first, or leave it out of targets.")
+    settings = LoRASettings(rank, float(rank if alpha is None else alpha), float(dropout), rslora)
+    return kind, name, settings, init, adapter_dtype_for(module.weight, adapter_dtype)
+
+
+def add_lora(module: nn.Module, kind: Kind, name: str, settings: LoRASettings, init: str,
+             dtype: torch.dtype) -> None:
+    """Mutate (after :func:`plan_lora`): give ``module`` adapter ``name``, swapping its class on first use."""
+    a_shape, b_shape = kind.shapes(module, settings.rank)
+    device = module.weight.device
+    lora_A = nn.Parameter(torch.empty(a_shape, device=device, dtype=dtype))
+    lora_B = nn.Parameter(torch.empty(b_shape, device=device, dtype=dtype))
+    with torch.no_grad():
+        kind.init_(lora_A, lora_B, init, settings.rank)
+    if not isinstance(module, LoRALayer):
+        module.__class__ = lora_class(type(module))
+        module.lora_A, module.lora_B = nn.ParameterDict(), nn.ParameterDict()
+        module.lora_kind, module.lora_settings, module.lora_merge = kind, {}, None
+    module.lora_A[name], module.lora_B[name] = lora_A, lora_B
+    module.lora_settings[name] = settings
+
+
+def release(module: LoRALayer) -> nn.Module:
+    """Give an (unmerged or merged) adapted module its original class and state back; return it.
+
+    The weight keeps whatever it holds now (merged or not): merge or unmerge first.
+    """
+    for attr in ("lora_A", "lora_B"):
+        delattr(module, attr)
+    for attr in ("lora_kind", "lora_settings", "lora_merge"):
+        module.__dict__.pop(attr, None)
+    module.__class__ = module.__class__.lora_base
+    return module
+
+
+@functools.cache
+def lora_class(base: type) -> type:
+    """``LoRA<base>``: the class an adapted ``base`` module gets (:class:`LoRALinear` for ``nn.Linear``)."""
+    if base is nn.Linear:
+        return LoRALinear
+    name = f"LoRA{base.__name__}"
+    return type(name, (LoRALayer, base), {"__module__": __name__, "__qualname__": name, "lora_base": base})
+
+
+LoRALinear.lora_base = nn.Linear
+
+
+def lora_layers(model: nn.Module) -> dict[str, LoRALayer]:
+    """Every adapted module in ``model`` (the model itself included) by qualified name."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, LoRALayer)}

@@ -1,12 +1,18 @@
-"""Which modules of a model get adapted: the matching rules behind ``inject(targets=..., exclude=...)``.
+"""Which modules of a model get adapted: the matching rules behind ``targets=...`` and ``exclude=...``.
 
 A target (or exclude) spec is one of
-- ``None``: every ``nn.Linear`` but the output head (see :func:`output_heads`),
+- ``None``: for LoRA, every module of a Linear-like kind (``nn.Linear`` and its subclasses,
+  transformers' ``Conv1D``) but the output head; Embedding and conv layers only when named,
 - a list of names: a name matches a module whose qualified name equals it or ends with
   ``"." + name`` (``"q_proj"`` matches ``layers.0.attn.q_proj``),
 - a string: a regular expression that must fully match the qualified name,
 - a callable ``(name, module) -> bool``.
 Every list entry, regex or callable must match at least one module, so a typo is an error.
+
+Never a target, whatever the spec: peftlite's own modules (a bottleneck's projections, the prefix
+encoder's MLP), the projections inside ``nn.MultiheadAttention`` (it never calls them), and modules
+inside a trained head (``inject(trainable=...)``), which is saved whole. ``inject`` and
+``load_adapter`` check their targets through the same :func:`check_lora_target`.
 """
 
 import difflib
@@ -15,8 +21,10 @@ from collections.abc import Callable
 
 from torch import nn
 
+from .bottleneck import Bottleneck
 from .errors import PeftliteError
-from .lora import LoRALinear
+from .kinds import LINEAR_LIKE, Kind, kind_of, require_kind
+from .prefix import PrefixEncoder
 
 HEAD_NAMES = ("lm_head", "head", "classifier", "score")
 
@@ -30,7 +38,7 @@ def output_heads(model: nn.Module) -> set[str]:
     """Qualified names of the model's output head, which ``targets=None`` leaves alone.
 
     The module returned by ``model.get_output_embeddings()`` where the model has that method and
-    it returns a module; otherwise every ``nn.Linear`` whose own name is one of ``HEAD_NAMES``.
+    it returns a module; otherwise every Linear-like module whose own name is one of ``HEAD_NAMES``.
     """
     getter = getattr(model, "get_output_embeddings", None)
     head = None
@@ -42,37 +50,69 @@ def output_heads(model: nn.Module) -> set[str]:
     if isinstance(head, nn.Module):
         return {name for name, m in model.named_modules(remove_duplicate=False) if m is head}
     return {name for name, m in model.named_modules(remove_duplicate=False)
-            if isinstance(m, nn.Linear) and name.rsplit(".", 1)[-1] in HEAD_NAMES}
+            if kind_of(m) in LINEAR_LIKE and name.rsplit(".", 1)[-1] in HEAD_NAMES}
+
+
+def inside(model: nn.Module, owner: Callable[[str, nn.Module], bool]) -> dict[str, str]:
+    """``{name: owner's name}`` for every module strictly below a module that ``owner`` picks."""
+    found = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        if owner(name, module):
+            for sub, _ in module.named_modules(remove_duplicate=False):
+                if sub:
+                    found[f"{name}.{sub}" if name else sub] = name
+    return found
 
 
 def attention_internals(model: nn.Module) -> set[str]:
-    """Linear layers inside ``nn.MultiheadAttention``, which reads their weights directly.
+    """Modules inside ``nn.MultiheadAttention``, which reads their weights directly (never calls them)."""
+    return set(inside(model, lambda name, m: isinstance(m, nn.MultiheadAttention)))
 
-    Its ``out_proj`` is an ``nn.Linear`` whose ``forward`` is never called, so a LoRA wrapper
-    there would silently do nothing.
+
+def peftlite_internals(model: nn.Module) -> set[str]:
+    """Modules that belong to peftlite itself: inside a bottleneck or a prefix encoder."""
+    return set(inside(model, lambda name, m: isinstance(m, (Bottleneck, PrefixEncoder))))
+
+
+def check_lora_target(name: str, module: nn.Module, protected: dict[str, str]) -> Kind:
+    """The kind of the target at ``name``; raises :class:`PeftliteError` unless LoRA there would work.
+
+    ``protected``: ``{name: why}`` for modules that must not get LoRA (see :func:`protected_modules`).
     """
-    return {f"{name}.{child}" if name else child
-            for name, m in model.named_modules(remove_duplicate=False) if isinstance(m, nn.MultiheadAttention)
-            for child, sub in m.named_children() if isinstance(sub, nn.Linear)}
+    if name in protected:
+        raise PeftliteError(f"module '{name}' {protected[name]}, so it cannot take LoRA. Leave it out of targets.")
+    return require_kind(name, module)
 
 
-def find_targets(model: nn.Module, targets=None, exclude=None) -> list[str]:
-    """Qualified names of the ``nn.Linear`` modules that ``inject`` should wrap, in model order.
+def protected_modules(model: nn.Module, trained: set[str] = frozenset()) -> dict[str, str]:
+    """``{name: why}`` for every module that LoRA must leave alone; ``trained``: names of trained heads."""
+    why = {name: "belongs to an nn.MultiheadAttention, which reads its weight directly (never calls it)"
+           for name in attention_internals(model)}
+    why.update({name: "belongs to a peftlite module (a bottleneck adapter or the prefix encoder)"
+                for name in peftlite_internals(model)})
+    heads = inside(model, lambda name, m: name in trained)
+    why.update({name: f"is inside '{head}', a trained head that is saved whole" for name, head in heads.items()})
+    why.update({name: "is a trained head, saved whole" for name in trained})
+    return why
+
+
+def find_lora_targets(model: nn.Module, targets=None, exclude=None,
+                      trained: set[str] = frozenset()) -> dict[str, Kind]:
+    """``{qualified name: kind}`` of the modules LoRA should adapt, in model order.
 
     Pure: reads the model, never changes it. Raises :class:`PeftliteError` for a spec that
-    matches nothing, or that matches a module LoRA cannot wrap.
+    matches nothing, or that matches a module LoRA cannot adapt.
     """
+    protected = protected_modules(model, trained)
+
     def default(modules):
-        skip = output_heads(model) | attention_internals(model)
-        return [n for n, m in modules if isinstance(m, nn.Linear) and n not in skip]
+        skip = output_heads(model) | set(protected)
+        return [n for n, m in modules if n not in skip and kind_of(m) in LINEAR_LIKE]
 
     names, modules = select_modules(model, targets, exclude, default)
     if not names:
         raise PeftliteError(no_target_message(targets, exclude, modules))
-    internals = attention_internals(model)
-    for name in names:
-        check_target(name, model.get_submodule(name), internals)
-    return names
+    return {name: check_lora_target(name, model.get_submodule(name), protected) for name in names}
 
 
 def select_modules(model: nn.Module, targets, exclude, default) -> tuple[list[str], list]:
@@ -87,19 +127,6 @@ def select_modules(model: nn.Module, targets, exclude, default) -> tuple[list[st
         excluded = spec_matcher(exclude, "exclude", modules)
         chosen = {n for n, m in modules if n in chosen and not excluded(n, m)}
     return [n for n, _ in modules if n in chosen], modules
-
-
-def check_target(name: str, module: nn.Module, internals: set[str]) -> None:
-    """Raise unless ``module`` is an ``nn.Linear`` that LoRA can wrap."""
-    if isinstance(module, LoRALinear):
-        raise PeftliteError(f"module '{name}' already has LoRA. To re-inject, call peftlite.unload(model) first, "
-                            "or leave it out of targets.")
-    if not isinstance(module, nn.Linear):
-        raise PeftliteError(f"module '{name}' is a {type(module).__name__}, expected an nn.Linear. "
-                            "Narrow targets to Linear layers (e.g. targets=['q_proj', 'v_proj']).")
-    if name in internals:
-        raise PeftliteError(f"module '{name}' belongs to an nn.MultiheadAttention, which reads its weight directly, "
-                            "so LoRA there would have no effect. Leave it out of targets.")
 
 
 def spec_matcher(spec, what: str, modules: list) -> Callable[[str, nn.Module], bool]:
@@ -134,12 +161,10 @@ def closest_names(query: str, modules: list) -> str:
     close = difflib.get_close_matches(query, names, n=5, cutoff=0.5)
     if close:
         return "Modules that look close: " + ", ".join(close) + "."
-    linear = sorted({n.rsplit(".", 1)[-1] for n, m in modules if isinstance(m, nn.Linear)})
-    return "Linear modules here are named: " + (", ".join(linear[:12]) or "(none)") + "."
+    adaptable = sorted({n.rsplit(".", 1)[-1] for n, m in modules if kind_of(m) is not None})
+    return "Modules LoRA can adapt here are named: " + (", ".join(adaptable[:12]) or "(none)") + "."
 
 
 def no_target_message(targets, exclude, modules: list) -> str:
-    wrapped = sum(isinstance(m, LoRALinear) for _, m in modules)
-    already = f" {wrapped} module(s) already have LoRA." if wrapped else ""
-    return (f"targets={targets!r} with exclude={exclude!r} left no nn.Linear to adapt.{already} "
-            f"{closest_names(str(targets), modules)}")
+    return (f"targets={targets!r} with exclude={exclude!r} left no layer to adapt (by default: every Linear-like "
+            f"layer but the output head). {closest_names(str(targets), modules)}")

@@ -1,28 +1,28 @@
-"""Which implementation of the low-rank update a LoRALinear runs.
+"""Which implementation of the low-rank update an exact ``nn.Linear`` with LoRA runs.
 
 - ``torch`` (default): ``autograd.torch_forward`` / ``torch_backward`` (``autograd.py``): hand-written
   backward, dropout as a seed; the ``peftlite::lora_forward`` custom op under ``torch.compile``
   (``fullgraph=True``), an ``autograd.Function`` in eager training.
 - ``triton``: the Triton kernels of ``triton_lora.py`` (CUDA tensors; CPU tensors run through
   Triton's interpreter when ``TRITON_INTERPRET=1`` is set before peftlite first uses them), as
-  ``peftlite::lora_triton_forward`` (the same three entries).
+  ``peftlite::lora_triton_forward`` (the same three entries). Not measured on a GPU yet, so not
+  the default anywhere.
 - ``reference``: plain autograd over ``reference.lora_forward`` with the same dropout mask (drawn
   from the same seed as a dense mask): slow, obviously correct, for checking the fast path.
 
-``PEFTLITE_BACKEND=reference|torch|triton`` forces one for every layer; it is read at each
-call, so it can be switched inside a process (tests do). Unset, each call runs the backend measured
-faster for its GPU, dtype, mode and nearest shape (``dispatch.py``, data in ``dispatch.json``), and
-``torch`` wherever nothing was measured, CPU tensors included.
+``PEFTLITE_BACKEND=reference|torch|triton`` chooses one for every layer; it is read at each
+call, so it can be switched inside a process (tests do).
 """
 
+import functools
+import importlib.util
 import os
 
 import torch
 
 from ..errors import PeftliteError
-from .autograd import lora_linear as torch_lora_linear
 from .autograd import TORCH, TRITON
-from .dispatch import choose, triton_available
+from .autograd import lora_linear as fused_lora_linear
 from .dropout import draw_seed, drop_positions_from_seed
 from .reference import lora_forward
 
@@ -30,15 +30,19 @@ BACKENDS = ("reference", "torch", "triton")
 VARIABLE = "PEFTLITE_BACKEND"
 
 
-def forced() -> str | None:
-    """The backend ``PEFTLITE_BACKEND`` names, or None when it is unset or empty (measured dispatch)."""
-    chosen = os.environ.get(VARIABLE) or None
-    if chosen is not None and chosen not in BACKENDS:
-        raise PeftliteError(f"{VARIABLE}={chosen!r}: expected one of {', '.join(BACKENDS)} (or unset to let "
-                            "peftlite choose).")
-    if chosen == "triton" and not triton_available():
+@functools.cache
+def triton_available() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def chosen() -> str:
+    """The backend ``PEFTLITE_BACKEND`` names; ``torch`` when it is unset or empty."""
+    name = os.environ.get(VARIABLE) or "torch"
+    if name not in BACKENDS:
+        raise PeftliteError(f"{VARIABLE}={name!r}: expected one of {', '.join(BACKENDS)} (or unset for torch).")
+    if name == "triton" and not triton_available():
         raise PeftliteError(f"{VARIABLE}=triton, but the triton package is not installed (pip install triton).")
-    return chosen
+    return name
 
 
 def reference_lora_linear(x, weight, bias, lora_A, lora_B, scaling: float, dropout: float = 0.0):
@@ -53,9 +57,8 @@ def reference_lora_linear(x, weight, bias, lora_A, lora_B, scaling: float, dropo
 
 
 def lora_linear(x, weight, bias, lora_A, lora_B, scaling: float, dropout: float = 0.0):
-    """The low-rank update through the forced backend, else the measured one for this call."""
-    chosen = forced() or choose(x, weight, bias, lora_A, lora_B, dropout)
-    if chosen == "reference":
+    """``F.linear(x, W, b)`` plus the low-rank update, through the chosen backend."""
+    name = chosen()
+    if name == "reference":
         return reference_lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout)
-    kernels = TRITON if chosen == "triton" else TORCH
-    return torch_lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout, kernels)
+    return fused_lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout, TRITON if name == "triton" else TORCH)

@@ -30,7 +30,8 @@ import triton.language as tl
 from torch import Tensor
 
 from ..errors import PeftliteError
-from .dispatch import MAX_OFFSET, oversized
+
+MAX_OFFSET = 2**31  # offsets and dropout counters are int32: M*K, M*N and N*K stay below
 
 DECODE_ROWS = 16  # up to this many rows (tokens), the forward is one launch (_decode_kernel)
 
@@ -223,13 +224,13 @@ def seed32(seed: Tensor) -> int:
 
 def check_size(m: int, k: int, n: int) -> None:
     """Refuse shapes whose element offsets (and dropout counters) would overflow the kernels' int32 arithmetic."""
-    too_large = oversized(m, k, n)
-    if too_large:
-        name, elements = too_large
-        raise PeftliteError(
-            f"the Triton LoRA kernels index with int32 offsets; {name} with M={m}, K={k}, N={n} has {elements} "
-            f"elements (limit {MAX_OFFSET - 1}). Run this layer on the torch path (PEFTLITE_BACKEND=torch), or "
-            "split the batch into smaller chunks.")
+    sizes = (("x [M, K]", m * k), ("y [M, N]", m * n), ("W [N, K]", n * k))
+    for name, elements in sizes:
+        if elements >= MAX_OFFSET:
+            raise PeftliteError(
+                f"the Triton LoRA kernels index with int32 offsets; {name} with M={m}, K={k}, N={n} has "
+                f"{elements} elements (limit {MAX_OFFSET - 1}). Run this layer on the torch path "
+                "(PEFTLITE_BACKEND=torch), or split the batch into smaller chunks.")
 
 
 def forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tensor, lora_B: Tensor, scaling: float,

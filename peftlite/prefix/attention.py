@@ -31,8 +31,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from .errors import PeftliteError
-from .prefix import PrefixEncoder
+from ..errors import PeftliteError
+from .encoder import PrefixEncoder
 
 HEAD_DIM_NAMES = ("head_dim", "attention_head_size")
 HEADS_NAMES = ("num_kv_heads", "num_key_value_heads", "num_heads", "num_attention_heads")

@@ -10,6 +10,9 @@ Parallel (He et al. 2022, arXiv 2110.04366)::
     y = base(x) + scaling * up(act(down(dropout(x))))
 
 x, h, y: [..., dim]    down: dim -> bottleneck    up: bottleneck -> dim    (both with bias)
+
+Around a convolution (``nn.Conv1d/2d/3d``) the adapter acts on the channel axis of its output
+(and input, in parallel mode): ``h`` [B, C, *spatial] is read as [B, *spatial, C].
 Parameters: ``2 * dim * bottleneck + bottleneck + dim``, plus 1 (``scaling="learned"``) or
 ``dim`` (``scaling="channel"``).
 """
@@ -17,13 +20,14 @@ Parameters: ``2 * dim * bottleneck + bottleneck + dim``, plus 1 (``scaling="lear
 import torch
 from torch import nn
 
-from .errors import PeftliteError
+from .errors import PeftliteError, check_adapter_name
 
 ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU, "swish": nn.SiLU, "tanh": nn.Tanh,
                "identity": nn.Identity}
 MODES = ("sequential", "parallel")
 INITS = ("default", "normal")
 LEARNED_SCALINGS = ("learned", "channel")
+CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 SLOT = "adapter"  # the child that holds the bottleneck; the only name the wrapped module gains
 
 
@@ -59,6 +63,8 @@ def infer_dim(base: nn.Module, mode: str) -> int | None:
     blocks); ``None`` when the module does not say.
     """
     sides = ("out_features", "in_features") if mode == "sequential" else ("in_features", "out_features")
+    if isinstance(base, CONVS):
+        return base.out_channels if mode == "sequential" else base.in_channels
     if isinstance(base, nn.Linear):
         return getattr(base, sides[0])
     if isinstance(base, nn.MultiheadAttention):
@@ -116,7 +122,7 @@ class Adapter(nn.Module):
 
     Wraps any module. The wrapper holds the base module's own parameters, buffers and children
     (the same objects, not copies), so every state-dict key and module path of ``base`` is
-    unchanged; the adapter adds ``adapter.down.*``, ``adapter.up.*`` (and ``adapter.scale``).
+    unchanged; the adapter adds ``adapter.<name>.down.*``, ``adapter.<name>.up.*`` (and ``.scale``).
     Attributes not found on the wrapper are read from ``base``. Calls go through ``base`` itself,
     so its forward and hooks run as before.
 
@@ -132,8 +138,9 @@ class Adapter(nn.Module):
 
     def __init__(self, base: nn.Module, dim: int | None = None, bottleneck: int | None = None,
                  reduction_factor: float = 16, activation: str = "relu", mode: str = "sequential", scaling=1.0,
-                 dropout: float = 0.0, init: str = "default"):
+                 dropout: float = 0.0, init: str = "default", name: str = "default"):
         check_adapter_options(dim, bottleneck, reduction_factor, activation, mode, scaling, dropout, init)
+        check_adapter_name(name)
         dim, bottleneck = adapter_sizes(base, dim, bottleneck, reduction_factor, mode)
         super().__init__()
         self.__dict__["base"] = base  # not a child: its children, parameters and buffers are adopted below
@@ -144,7 +151,14 @@ class Adapter(nn.Module):
         reference = next(iter([*base.parameters(), *base.buffers()]), None)
         factory = {} if reference is None or not reference.is_floating_point() else \
             {"device": reference.device, "dtype": reference.dtype}
-        self.adapter = Bottleneck(dim, bottleneck, activation, scaling, dropout, init).to(**factory)
+        self.adapter_name = name
+        own = Bottleneck(dim, bottleneck, activation, scaling, dropout, init).to(**factory)
+        self.adapter = nn.ModuleDict({name: own})
+
+    @property
+    def bottleneck(self) -> Bottleneck:
+        """The adapter's own parameters (state-dict keys ``adapter.<name>.down.weight``, ...)."""
+        return self.adapter[self.adapter_name]
 
     def forward(self, *args, **kwargs):
         out = self.base(*args, **kwargs)
@@ -154,12 +168,25 @@ class Adapter(nn.Module):
                                 "expected a tensor or a tuple whose first element is a tensor.")
         source = hidden if self.mode == "sequential" else first_argument(args, kwargs)
         for what, tensor in (("output", hidden), ("input", source)):
-            if tensor.shape[-1] != self.dim:
-                raise PeftliteError(f"Adapter(dim={self.dim}) around {type(self.base).__name__}: its {what} has "
-                                    f"{tensor.shape[-1]} features. Pass dim={tensor.shape[-1]} (or wrap the module "
-                                    "whose features match).")
-        adapted = hidden + self.adapter(source)
+            if tensor.ndim == 0 or tensor.shape[self.feature_axis(tensor)] != self.dim:
+                raise PeftliteError(f"Adapter(dim={self.dim}) around {type(self.base).__name__}: its {what} has shape "
+                                    f"{tuple(tensor.shape)}, expected {self.dim} features on axis "
+                                    f"{self.feature_axis(tensor)}. Pass the right dim (or wrap the module whose "
+                                    "features match).")
+        if source.shape != hidden.shape:
+            raise PeftliteError(f"a parallel Adapter adds a function of the input {tuple(source.shape)} to the output "
+                                f"{tuple(hidden.shape)} of the {type(self.base).__name__}; they must have one shape. "
+                                "Use mode='sequential'.")
+        axis = self.feature_axis(source)
+        update = self.bottleneck(source.movedim(axis, -1)).movedim(-1, axis)  # features last for the projections
+        adapted = hidden + update
         return adapted if rest is None else (adapted, *rest)
+
+    def feature_axis(self, tensor: torch.Tensor) -> int:
+        """The axis the adapter reads: the last, or a convolution's channels (1 batched, 0 unbatched)."""
+        if isinstance(self.base, CONVS):
+            return tensor.ndim - 1 - len(self.base.kernel_size)
+        return -1
 
     def __getattr__(self, name: str):
         try:

@@ -13,8 +13,8 @@ import torch
 from torch import nn
 
 from . import attention, hf_attention
-from .errors import PeftliteError
-from .prefix import PrefixEncoder, check_prefix_options
+from ..errors import PeftliteError
+from .encoder import PrefixEncoder, check_prefix_options
 
 SLOT = "prefix_encoder"
 

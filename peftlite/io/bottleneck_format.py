@@ -8,16 +8,16 @@ one entry per wrapped module (its options); weights are keyed as PEFT keys its t
 import torch
 from torch import nn
 
-from .adapter import Adapter, adapter_sizes, check_adapter_options
-from .errors import PeftliteError
-from .inject import replace
-from .peft_format import PREFIX
+from ..bottleneck import Adapter, adapter_sizes, check_adapter_options
+from ..errors import PeftliteError
+from ..model import replace
+from .lora_format import PREFIX
 
 PEFT_TYPE = "BOTTLENECK_ADAPTER"
 
 
 def options(adapter: Adapter) -> dict:
-    bottleneck = adapter.adapter
+    bottleneck = adapter.bottleneck
     return {"dim": adapter.dim, "bottleneck": bottleneck.down.out_features, "activation": bottleneck.activation,
             "mode": adapter.mode, "scaling": bottleneck.scaling, "init": bottleneck.init,
             "dropout": bottleneck.dropout.p if isinstance(bottleneck.dropout, nn.Dropout) else 0.0}
@@ -28,7 +28,7 @@ def payload(model: nn.Module) -> tuple[dict, dict]:
     if "" in adapters:
         raise PeftliteError("save_adapter needs the model that contains the Adapter, not the Adapter itself.")
     tensors = {f"{PREFIX}{name}.adapter.{key}": tensor.detach().to("cpu").contiguous()
-               for name, adapter in adapters.items() for key, tensor in adapter.adapter.state_dict().items()}
+               for name, adapter in adapters.items() for key, tensor in adapter.bottleneck.state_dict().items()}
     config = {"peft_type": PEFT_TYPE, "task_type": None, "modules": {n: options(a) for n, a in adapters.items()}}
     return tensors, config
 
@@ -53,7 +53,7 @@ def load(model: nn.Module, config: dict, tensors: dict, source) -> None:
                     if not isinstance(model.get_submodule(name), Adapter)})
     with torch.no_grad():
         for name in plans:
-            state = model.get_submodule(name).adapter.state_dict(keep_vars=True)
+            state = model.get_submodule(name).bottleneck.state_dict(keep_vars=True)
             for key, tensor in state.items():
                 tensor.copy_(tensors[f"{PREFIX}{name}.adapter.{key}"])
 
@@ -76,7 +76,7 @@ def plan(model: nn.Module, name: str, opts, source) -> tuple[dict, dict]:
             if any(options(module)[key] != value for key, value in opts.items() if key != "dropout"):
                 raise PeftliteError(f"it already has an adapter with other options ({options(module)}); call "
                                     "peftlite.unload(model) first")
-            dim, bottleneck = module.dim, module.adapter.down.out_features
+            dim, bottleneck = module.dim, module.bottleneck.down.out_features
         else:
             dim, bottleneck = adapter_sizes(module, opts.get("dim"), opts.get("bottleneck"), 16,
                                             opts.get("mode", "sequential"))

@@ -15,7 +15,7 @@ laid out per position as (layer, key|value, head, head_dim): the layout of PEFT'
 import torch
 from torch import nn
 
-from .errors import PeftliteError
+from ..errors import PeftliteError
 
 
 def check_prefix_options(num_layers, num_heads, head_dim, prefix_len, projection_dim) -> None:

@@ -8,9 +8,9 @@ P, ``num_layers`` L, ``num_attention_heads`` H (key/value heads), ``token_dim`` 
 import torch
 from torch import nn
 
-from . import prefix_tuning
-from .attention import default_attention
-from .errors import PeftliteError
+from ..prefix import attach as prefix_tuning
+from ..prefix.attention import default_attention
+from ..errors import PeftliteError
 
 KEY = "prompt_embeddings"
 TASK_TYPES = {"ForCausalLM": "CAUSAL_LM", "LMHeadModel": "CAUSAL_LM", "ForSequenceClassification": "SEQ_CLS",

@@ -1,0 +1,147 @@
+"""save_adapter / load_adapter: adapters in the Hugging Face PEFT format (safetensors + JSON).
+
+LoRA (``peft_type: LORA``) and prefix tuning (``PREFIX_TUNING``) are read and written as PEFT
+does; bottleneck adapters, which PEFT lacks, as ``BOTTLENECK_ADAPTER`` (see ``adapter_format``).
+
+Nothing here unpickles: weights are read with safetensors and the config with ``json``.
+Loading is strict: a missing or unexpected key, a shape that does not fit, an unreadable file
+or an unsupported config raises :class:`PeftliteError` and leaves the model unchanged.
+"""
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+from torch import nn
+
+from . import bottleneck_format, lora_format, prefix_format
+from ..errors import PeftliteError, check_adapter_name
+from ..fast_path import sync_fast_path_guards
+from ..model import adapter_modules, freeze_all_but_adapters, is_adapted, require_lora, unwrap
+from ..prefix import attach as prefix_attach
+from .safetensors_file import save_file
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+METHODS = ("lora", "adapter", "prefix")
+
+
+def save_adapter(model: nn.Module, directory, method: str | None = None, name: str = "default") -> Path:
+    """Write the model's adapter weights and config to ``directory`` (created if needed); return it.
+
+    Files: ``adapter_model.safetensors`` and ``adapter_config.json``. LoRA and prefix tuning are
+    loadable by ``peft.PeftModel.from_pretrained(base_model, directory)`` and by
+    :func:`load_adapter`; bottleneck adapters by :func:`load_adapter`. One method and one
+    adapter (``name``) per directory, as in PEFT: a model with several methods needs
+    ``method="lora" | "adapter" | "prefix"``. LoRA is saved as trained, whether or not it is
+    merged; trained heads (``inject(trainable=...)``) and leaf modules whose own parameters were
+    made trainable are saved whole, as PEFT's ``modules_to_save``. A reparameterized prefix is
+    saved as the table it produces. A wrapped model (DDP, ``torch.compile``) is saved with the keys
+    of the bare model.
+    """
+    model = unwrap(model)
+    check_adapter_name(name)
+    present = present_methods(model)
+    if not present:
+        require_lora(model, "save_adapter")
+    if method is not None and method not in METHODS:
+        raise PeftliteError(f"method={method!r}: expected one of {', '.join(map(repr, METHODS))}, or None.")
+    if method is None and len(present) > 1:
+        raise PeftliteError(f"the model has {' and '.join(present)}; a directory holds one method, as in PEFT. Save "
+                            "each in its own directory: save_adapter(model, 'out/lora', method='lora'), ...")
+    method = present[0] if method is None else method
+    if method not in present:
+        raise PeftliteError(f"method={method!r}: the model has no such adapter; it has {', '.join(present)}.")
+    if method == "lora":
+        tensors, config = lora_payload(model, name)
+    else:
+        tensors, config = (bottleneck_format if method == "adapter" else prefix_format).payload(model)
+    directory = as_path(directory, "directory")
+    directory.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, directory / WEIGHTS_NAME, metadata={"format": "pt"})
+    (directory / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    return directory
+
+
+def as_path(value, what: str) -> Path:
+    if not isinstance(value, (str, os.PathLike)):
+        raise PeftliteError(f"{what}={value!r}: expected a path (str or os.PathLike).")
+    return Path(value)
+
+
+def present_methods(model: nn.Module) -> list[str]:
+    found = {"lora": bool(lora_format.lora_layers(model)), "adapter": bool(adapter_modules(model)),
+             "prefix": prefix_attach.prefix_encoder(model) is not None}
+    return [method for method, here in found.items() if here]
+
+
+def lora_payload(model: nn.Module, name: str) -> tuple[dict, dict]:
+    layers = {path: layer for path, layer in lora_format.lora_layers(model).items() if name in layer.lora_settings}
+    if not layers:
+        raise PeftliteError(f"save_adapter: no LoRA layer holds an adapter named {name!r}.")
+    if "" in layers:
+        raise PeftliteError("save_adapter needs a model that contains the LoRA layer, not the layer itself.")
+    whole = lora_format.trained_modules(model)
+    return ({**lora_format.adapter_tensors(layers, name), **lora_format.module_tensors(whole)},
+            lora_format.build_config(model, layers, name, whole))
+
+
+def load_adapter(model: nn.Module, directory, name: str = "default") -> nn.Module:
+    """Load an adapter saved by :func:`save_adapter` or by PEFT (LoRA, prefix tuning) into ``model``, in place.
+
+    LoRA: layers without LoRA yet get adapter ``name`` with the rank, alpha, rslora and dropout of
+    the file (float32 adapters on 16-bit bases); layers already holding adapter ``name`` must have
+    the file's rank and get its values. Every target is checked as ``inject`` checks it. Modules
+    in the config's ``modules_to_save`` get the file's values and train, as trained heads.
+    Prefix tuning: the model gets ``model.prefix_encoder`` (or, if it has one of the same shape,
+    new values). Bottleneck adapters: the named modules are wrapped (or refilled). The whole file
+    is checked before anything changes. Every other parameter is frozen, as by ``inject``.
+    Returns ``model``.
+    """
+    bare = unwrap(model)
+    check_adapter_name(name)
+    directory = as_path(directory, "directory")
+    config_path = directory / CONFIG_NAME
+    config = read_config(config_path)
+    tensors = read_weights(directory)
+    source = str(directory / WEIGHTS_NAME)
+    kind = config.get("peft_type")
+    if kind in ("PREFIX_TUNING", bottleneck_format.PEFT_TYPE):
+        (prefix_format if kind == "PREFIX_TUNING" else bottleneck_format).load(bare, config, tensors, source)
+    else:
+        lora_format.check_config(config, str(config_path))
+        plan = lora_format.plan_load(bare, config, tensors, source, name)
+        lora_format.apply_load(plan, bare)
+    freeze_all_but_adapters(bare)
+    sync_fast_path_guards(bare, is_adapted)
+    return model
+
+
+def read_config(path: Path) -> dict:
+    if not path.is_file():
+        raise PeftliteError(f"{path}: no such file. Point load_adapter at a directory written by save_adapter "
+                            "or PEFT's save_pretrained.")
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as err:
+        raise PeftliteError(f"{path}: not readable JSON ({err}).") from None
+    if not isinstance(config, dict):
+        raise PeftliteError(f"{path}: expected a JSON object, got {type(config).__name__}.")
+    return config
+
+
+def read_weights(directory: Path) -> dict[str, torch.Tensor]:
+    path = directory / WEIGHTS_NAME
+    if not path.is_file():
+        pickled = ""
+        if (directory / "adapter_model.bin").exists():
+            pickled = " adapter_model.bin is a pickle, which peftlite never loads."
+        raise PeftliteError(f"{path}: no such file.{pickled} Save the adapter with safetensors "
+                            "(PEFT: save_pretrained(..., safe_serialization=True)).")
+    try:
+        return load_file(str(path), device="cpu")
+    except (SafetensorError, OSError, ValueError, RuntimeError) as err:
+        raise PeftliteError(f"{path}: not a readable safetensors file ({err}).") from None

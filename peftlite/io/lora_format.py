@@ -1,0 +1,401 @@
+"""LoRA in the Hugging Face PEFT on-disk format: key names, ``adapter_config.json``, and loading as one plan.
+
+Weights (``adapter_model.safetensors``), adapter names stripped as PEFT writes them:
+``base_model.model.<path>.lora_A.weight`` and ``.lora_B.weight`` (Linear, Conv1D, conv), or
+``.lora_embedding_A`` / ``.lora_embedding_B`` (Embedding), shaped as the layer kind says
+(``kinds.py``). The config holds one ``r``/``lora_alpha`` plus ``rank_pattern``/``alpha_pattern``
+for layers that differ (a pattern key ``k`` applies to a module whose name matches the regex
+``(.*\\.)?(k)$``), and ``fan_in_fan_out: true`` when the layers are transformers' ``Conv1D``.
+
+Loading reads and checks the whole config, then plans every layer against the model with the
+same target and kind checks ``inject`` uses (:func:`plan_load`), and only then changes the model
+(:func:`apply_load`). Every error names the file and, where there is one, the layer.
+"""
+
+import math
+import re
+from collections import Counter
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from ..errors import PeftliteError
+from ..kinds import CONV1D, KINDS, LINEAR_LIKE, kind_of
+from ..lora import LoRALayer, LoRASettings, add_lora, check_lora_options, lora_layers, plan_lora
+from ..model import TRAINED, adapter_parameters, marked_heads
+from ..targets import check_lora_target, name_matches, output_heads, protected_modules
+
+PREFIX = "base_model.model."
+PARTS = sorted({part for kind in KINDS for part in kind.peft_keys}, key=len, reverse=True)
+KEY = re.compile(rf"{re.escape(PREFIX)}(?P<module>.+)\.(?P<part>{'|'.join(map(re.escape, PARTS))})")
+
+# Config fields whose non-empty value changes what the adapter computes in ways peftlite does not implement.
+UNSUPPORTED = ("use_dora", "layers_to_transform", "layer_replication", "lora_bias", "target_parameters",
+               "trainable_token_indices", "use_qalora", "use_bdlora", "alora_invocation_tokens", "arrow_config",
+               "kasa_config", "monteclora_config", "velora_config")
+# Initialisations that also rewrite the base weights, so the adapter alone does not reproduce the model.
+BASE_CHANGING_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga")
+
+
+def weight_key(module: str, part: str) -> str:
+    return f"{PREFIX}{module}.{part}"
+
+
+# ---- saving ----
+
+def adapter_tensors(layers: dict[str, LoRALayer], name: str) -> dict:
+    """The safetensors payload: A and B of adapter ``name`` per layer, contiguous on the CPU, PEFT's keys."""
+    tensors = {}
+    for path, layer in layers.items():
+        key_a, key_b = layer.lora_kind.peft_keys
+        tensors[weight_key(path, key_a)] = layer.lora_A[name].detach().to("cpu").contiguous()
+        tensors[weight_key(path, key_b)] = layer.lora_B[name].detach().to("cpu").contiguous()
+    return tensors
+
+
+def trained_modules(model: nn.Module) -> dict[str, nn.Module]:
+    """Modules saved whole, as PEFT's ``modules_to_save``: trained heads (``inject(trainable=...)``) and
+    leaf modules whose own parameters were made trainable by hand (an unfrozen norm)."""
+    heads = marked_heads(model)
+    found = {name: model.get_submodule(name) for name in heads}
+    adapter = adapter_parameters(model)
+    for name, module in model.named_modules():
+        if name in heads or any(name.startswith(head + ".") for head in heads):
+            continue
+        if not any(p.requires_grad and id(p) not in adapter for p in module.parameters(recurse=False)):
+            continue
+        if isinstance(module, LoRALayer):
+            raise PeftliteError(f"the base weight or bias of LoRA layer '{name}' is trainable; the PEFT format cannot "
+                                f"hold it. Freeze it (model.get_submodule('{name}').weight.requires_grad_(False)).")
+        if not name or any(next(child.parameters(), None) is not None for child in module.children()):
+            raise PeftliteError(f"module '{name or type(module).__name__}' has trainable parameters of its own and "
+                                "submodules with parameters; name it in inject(trainable=[...]) to save it whole, or "
+                                "freeze its own parameters.")
+        found[name] = module
+    return found
+
+
+def module_tensors(modules: dict[str, nn.Module]) -> dict:
+    """``base_model.model.<module>.<key>`` for every state-dict entry of the given whole modules."""
+    return {f"{PREFIX}{name}.{key}": tensor.detach().to("cpu").contiguous()
+            for name, module in modules.items() for key, tensor in module.state_dict().items()}
+
+
+def build_config(model: nn.Module, layers: dict[str, LoRALayer], name: str, saved_modules=()) -> dict:
+    """``adapter_config.json`` for adapter ``name`` of the model's LoRA layers, for PEFT's ``LoraConfig``."""
+    settings = {path: layer.lora_settings[name] for path, layer in layers.items()}
+    rslora = single_value("use_rslora", {n: s.rslora for n, s in settings.items()})
+    dropout = single_value("lora_dropout", {n: s.dropout for n, s in settings.items()})
+    r, rank_pattern = common_and_pattern({n: s.rank for n, s in settings.items()})
+    alpha, alpha_pattern = common_and_pattern({n: s.alpha for n, s in settings.items()})
+    name_or_path = getattr(getattr(model, "config", None), "_name_or_path", None) or None
+    return {
+        "peft_type": "LORA", "task_type": None, "base_model_name_or_path": name_or_path,
+        "r": r, "lora_alpha": alpha, "lora_dropout": dropout, "use_rslora": rslora,
+        "target_modules": target_list(model, set(layers)),
+        "rank_pattern": rank_pattern, "alpha_pattern": alpha_pattern,
+        "bias": "none", "fan_in_fan_out": any(layer.lora_kind is CONV1D for layer in layers.values()),
+        "use_dora": False, "init_lora_weights": True,
+        "modules_to_save": sorted(saved_modules) or None, "exclude_modules": None,
+        "layers_to_transform": None, "layers_pattern": None, "inference_mode": True,
+    }
+
+
+def single_value(name: str, values: dict):
+    distinct = set(values.values())
+    if len(distinct) > 1:
+        raise PeftliteError(f"the PEFT format holds one {name} for all layers, but this model's LoRA layers use "
+                            f"{sorted(distinct)}. Re-inject with one {name} to save in this format.")
+    return distinct.pop()
+
+
+def common_and_pattern(values: dict[str, float]) -> tuple:
+    """The most common value, and ``{escaped module name: value}`` for the layers that differ."""
+    common = Counter(values.values()).most_common(1)[0][0]
+    pattern = {re.escape(name): value for name, value in values.items() if value != common}
+    return (int(common) if float(common).is_integer() else common), pattern
+
+
+def target_list(model: nn.Module, adapted: set[str]) -> list[str]:
+    """Short names (``["q_proj", "v_proj"]``) if they select exactly the adapted modules, else full names."""
+    short = sorted({name.rsplit(".", 1)[-1] for name in adapted})
+    selected = {name for name, _ in model.named_modules() if any(name_matches(s, name) for s in short)}
+    return short if selected == adapted else sorted(adapted)
+
+
+# ---- reading the config ----
+
+def check_config(config, source: str) -> None:
+    """Raise unless ``config`` describes plain LoRA that peftlite computes exactly as PEFT does."""
+    if not isinstance(config, dict):
+        raise PeftliteError(f"{source}: expected a JSON object, got {type(config).__name__}.")
+    if config.get("peft_type") != "LORA":
+        raise PeftliteError(f"{source}: peft_type is {config.get('peft_type')!r}; peftlite loads 'LORA', "
+                            "'PREFIX_TUNING' and 'BOTTLENECK_ADAPTER' adapters.")
+    used = [name for name in UNSUPPORTED if config.get(name)]
+    if used:
+        raise PeftliteError(f"{source}: uses {', '.join(used)}, which peftlite does not support; "
+                            "only plain LoRA can be loaded.")
+    if config.get("bias", "none") != "none":
+        raise PeftliteError(f"{source}: bias={config['bias']!r} trains base biases too; only bias='none' is supported.")
+    init = config.get("init_lora_weights", True)
+    if isinstance(init, str) and init.startswith(BASE_CHANGING_INITS):
+        raise PeftliteError(f"{source}: init_lora_weights={init!r} also rewrites the base weights, so this adapter "
+                            "does not apply to the original model. Convert it to plain LoRA with PEFT first.")
+    try:
+        check_lora_options(config.get("r", 8), config.get("lora_alpha", 8), config.get("lora_dropout", 0.0),
+                           "default", config.get("use_rslora", False))
+    except PeftliteError as err:
+        raise PeftliteError(f"{source}: {err}") from None
+    if not isinstance(config.get("fan_in_fan_out", False), bool):
+        raise PeftliteError(f"{source}: fan_in_fan_out={config['fan_in_fan_out']!r}: expected true or false.")
+    for name, check in (("rank_pattern", rank_ok), ("alpha_pattern", alpha_ok)):
+        check_pattern(config.get(name), name, check, source)
+    for name in ("target_modules", "exclude_modules", "modules_to_save"):
+        check_names(config.get(name), name, source)
+
+
+def rank_ok(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
+def alpha_ok(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
+
+
+def check_pattern(patterns, name: str, ok, source: str) -> None:
+    if patterns is None:
+        return
+    if not isinstance(patterns, dict):
+        raise PeftliteError(f"{source}: {name} must be an object of pattern -> value, got {type(patterns).__name__}.")
+    for key, value in patterns.items():
+        try:
+            re.compile(rf"(.*\.)?({key})$")
+        except re.error as err:
+            raise PeftliteError(f"{source}: {name} key {key!r} is not a valid regular expression ({err}).") from None
+        if not ok(value):
+            expected = "an integer >= 1" if name == "rank_pattern" else "a finite number > 0"
+            raise PeftliteError(f"{source}: {name}[{key!r}] = {value!r}: expected {expected}.")
+
+
+def check_names(value, name: str, source: str) -> None:
+    """A module-name field: null, a list of names, or (targets and excludes) one regular expression."""
+    if value is None:
+        return
+    if isinstance(value, str) and name != "modules_to_save":
+        try:
+            re.compile(value)
+        except re.error as err:
+            raise PeftliteError(f"{source}: {name} {value!r} is not a valid regular expression ({err}).") from None
+        return
+    if not isinstance(value, list) or not all(isinstance(entry, str) for entry in value):
+        raise PeftliteError(f"{source}: {name}={value!r}: expected a list of module names (or null).")
+
+
+def layer_settings(config: dict, module: str) -> LoRASettings:
+    """The settings the config gives ``module``, honouring ``rank_pattern``/``alpha_pattern``."""
+    rank = pattern_value(config.get("rank_pattern") or {}, module, config.get("r", 8))
+    alpha = pattern_value(config.get("alpha_pattern") or {}, module, config.get("lora_alpha", 8))
+    return LoRASettings(rank, float(alpha), float(config.get("lora_dropout", 0.0)),
+                        config.get("use_rslora", False))
+
+
+def pattern_value(patterns: dict, module: str, default):
+    for key, value in patterns.items():
+        if re.match(rf"(.*\.)?({key})$", module):
+            return value
+    return default
+
+
+def configured_targets(model: nn.Module, config: dict) -> set[str]:
+    """Modules of a supported kind that the config's ``target_modules``/``exclude_modules`` select, as PEFT would
+    (``all-linear``: every Linear-like module but the output head)."""
+    targets, exclude = config.get("target_modules"), config.get("exclude_modules")
+    heads = output_heads(model)
+    found = set()
+    for name, module in model.named_modules():
+        kind = kind_of(module)
+        if not name or kind is None or spec_selects(exclude, name):
+            continue
+        if targets == "all-linear":
+            if kind in LINEAR_LIKE and name not in heads:
+                found.add(name)
+        elif spec_selects(targets, name):
+            found.add(name)
+    return found
+
+
+def spec_selects(spec, name: str) -> bool:
+    if not spec:
+        return False
+    if isinstance(spec, str):
+        return re.fullmatch(spec, name) is not None
+    return any(name_matches(entry, name) for entry in spec)
+
+
+# ---- loading: one plan, then one mutation ----
+
+@dataclass
+class LayerPlan:
+    """One layer to load: new (``add`` holds :func:`add_lora`'s arguments) or an existing adapter to refill."""
+
+    module: nn.Module
+    settings: LoRASettings
+    lora_A: torch.Tensor
+    lora_B: torch.Tensor
+    add: tuple | None = None
+
+
+@dataclass
+class LoadPlan:
+    name: str
+    layers: dict[str, LayerPlan] = field(default_factory=dict)
+    whole: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)  # key -> (model slot, value)
+    heads: set[str] = field(default_factory=set)
+
+
+def plan_load(model: nn.Module, config: dict, tensors: dict, source: str, name: str) -> LoadPlan:
+    """Check the file's tensors against the model and the (already checked) config; change nothing."""
+    pairs, whole = split_keys(tensors, source)
+    heads = saved_heads(model, config, source)
+    protected = protected_modules(model, heads)
+    plan = LoadPlan(name, heads=heads)
+    for path, (kind_key, a, b) in pairs.items():
+        plan.layers[path] = plan_layer(model, path, kind_key, a, b, config, protected, source, name)
+    check_fan_in_fan_out(config, plan, source)
+    check_complete(model, config, set(pairs), name, source)
+    plan.whole = plan_saved_modules(model, heads, whole, source)
+    return plan
+
+
+def split_keys(tensors: dict, source: str) -> tuple[dict, dict]:
+    """``({path: (A's key suffix, A, B)}, {other key: tensor})``; raises on a LoRA key without its pair."""
+    parts: dict[str, dict[str, torch.Tensor]] = {}
+    others = {}
+    for key, tensor in tensors.items():
+        match = KEY.fullmatch(key)
+        if match is None:
+            others[key] = tensor
+        else:
+            parts.setdefault(match["module"], {})[match["part"]] = tensor
+    pairs = {}
+    for module, found in parts.items():
+        kind_keys = next((k.peft_keys for k in KINDS if set(found) == set(k.peft_keys)), None)
+        if kind_keys is None:
+            expected = " and ".join(f"'{weight_key(module, p)}'" for p in ("lora_A.weight", "lora_B.weight"))
+            raise PeftliteError(f"{source}: layer '{module}' has keys {sorted(found)}; expected {expected} (or "
+                                "lora_embedding_A/B for an Embedding).")
+        pairs[module] = (kind_keys[0], found[kind_keys[0]], found[kind_keys[1]])
+    if not pairs:
+        raise PeftliteError(f"{source}: holds no LoRA weights.")
+    return pairs, others
+
+
+def plan_layer(model: nn.Module, path: str, kind_key: str, a: torch.Tensor, b: torch.Tensor, config: dict,
+               protected: dict, source: str, name: str) -> LayerPlan:
+    """One layer's plan: the module exists and takes LoRA (as for ``inject``), keys, shapes and dtypes fit."""
+    key = weight_key(path, kind_key)
+    try:
+        module = model.get_submodule(path)
+    except AttributeError:
+        raise PeftliteError(f"{source}: unexpected key '{key}': the model has no module '{path}'. "
+                            "Is this adapter for another model?") from None
+    try:
+        kind = check_lora_target(path, module, protected)
+    except PeftliteError as err:
+        raise PeftliteError(f"{source}: key '{key}': {err}") from None
+    if kind.peft_keys[0] != kind_key:
+        raise PeftliteError(f"{source}: key '{key}': module '{path}' is a {kind.name}, whose LoRA keys end in "
+                            f"'{kind.peft_keys[0]}' and '{kind.peft_keys[1]}'.")
+    settings = layer_settings(config, path)
+    expected_a, expected_b = kind.shapes(module, settings.rank)
+    if tuple(a.shape) != tuple(expected_a) or tuple(b.shape) != tuple(expected_b):
+        raise PeftliteError(f"{source}: shape mismatch for layer '{path}': file has A {tuple(a.shape)} and B "
+                            f"{tuple(b.shape)}; the model's {kind.name} and the config (r={settings.rank}) need "
+                            f"{tuple(expected_a)} and {tuple(expected_b)}.")
+    if not (a.is_floating_point() and b.is_floating_point()):
+        raise PeftliteError(f"{source}: layer '{path}': dtype {a.dtype}/{b.dtype}, expected floating-point weights.")
+    if isinstance(module, LoRALayer) and name in module.lora_settings:
+        if module.merged:
+            raise PeftliteError(f"{source}: layer '{path}' is merged; call peftlite.unmerge(model) before loading "
+                                "new adapter weights.")
+        if module.lora_settings[name].rank != settings.rank:
+            raise PeftliteError(f"{source}: layer '{path}' already has adapter {name!r} of rank "
+                                f"{module.lora_settings[name].rank}, the file has rank {settings.rank}. Call "
+                                "peftlite.unload(model, merge=False) first to load a different adapter.")
+        return LayerPlan(module, settings, a, b)
+    try:
+        add = plan_lora(path, module, name, settings.rank, settings.alpha, settings.dropout, settings.rslora,
+                        "default", None)
+    except PeftliteError as err:
+        raise PeftliteError(f"{source}: {err}") from None
+    return LayerPlan(module, settings, a, b, add)
+
+
+def check_fan_in_fan_out(config: dict, plan: LoadPlan, source: str) -> None:
+    """``fan_in_fan_out`` must say what the layers are: true exactly when some target is a Conv1D."""
+    conv1d = [path for path, layer in plan.layers.items() if CONV1D.matches(layer.module)]
+    flag = config.get("fan_in_fan_out", False)
+    if flag != bool(conv1d):
+        detail = (f"but '{conv1d[0]}' is a transformers Conv1D (weight stored [in, out])" if conv1d
+                  else "but no target is a transformers Conv1D")
+        raise PeftliteError(f"{source}: fan_in_fan_out is {str(flag).lower()}, {detail}. Is this adapter for "
+                            "another model?")
+
+
+def check_complete(model: nn.Module, config: dict, present: set[str], name: str, source: str) -> None:
+    """Every layer the config targets, and every layer holding adapter ``name`` already, must be in the file."""
+    holding = {path for path, layer in lora_layers(model).items() if name in layer.lora_settings}
+    missing = sorted((configured_targets(model, config) | holding) - present)
+    if missing:
+        shown = ", ".join(f"'{m}'" for m in missing[:3])
+        more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
+        raise PeftliteError(f"{source}: no LoRA weights for layer {shown}{more} (targeted by the config, or already "
+                            f"holding adapter {name!r} in the model).")
+
+
+def saved_heads(model: nn.Module, config: dict, source: str) -> set[str]:
+    """The modules the config's ``modules_to_save`` names (exact or dotted suffix)."""
+    wanted = config.get("modules_to_save") or []
+    heads = {path for path, _ in model.named_modules() if path and any(name_matches(e, path) for e in wanted)}
+    for path in sorted(heads):
+        if any(isinstance(m, LoRALayer) for m in model.get_submodule(path).modules()):
+            raise PeftliteError(f"{source}: module '{path}' is listed in modules_to_save and holds LoRA; call "
+                                "peftlite.unload(model, merge=False) first.")
+    return {path for path in heads if not any(path.startswith(other + ".") for other in heads)}
+
+
+def plan_saved_modules(model: nn.Module, heads: set[str], whole: dict, source: str) -> dict:
+    """Non-LoRA keys must be exactly the state of the ``modules_to_save`` modules, in their shapes."""
+    slots = {f"{PREFIX}{path}.{key}": tensor for path in sorted(heads)
+             for key, tensor in model.get_submodule(path).state_dict(keep_vars=True).items()}
+    for key, tensor in whole.items():
+        if key not in slots:
+            raise PeftliteError(f"{source}: unexpected key '{key}'; expected LoRA keys "
+                                "('base_model.model.<module>.lora_A.weight', ...) or the state of a module listed in "
+                                "modules_to_save.")
+        if tuple(tensor.shape) != tuple(slots[key].shape):
+            raise PeftliteError(f"{source}: shape mismatch for '{key}': file has {tuple(tensor.shape)}, the model "
+                                f"{tuple(slots[key].shape)}.")
+    missing = sorted(set(slots) - set(whole))
+    if missing:
+        raise PeftliteError(f"{source}: missing key '{missing[0]}' (its module is in modules_to_save).")
+    return {key: (slots[key], tensor) for key, tensor in whole.items()}
+
+
+def apply_load(plan: LoadPlan, model: nn.Module) -> None:
+    """Mutate: add the new adapters, set every layer's settings and values, fill the saved modules."""
+    for layer in plan.layers.values():
+        if layer.add is not None:
+            add_lora(layer.module, *layer.add)
+        layer.module.lora_settings[plan.name] = layer.settings
+        with torch.no_grad():
+            layer.module.lora_A[plan.name].copy_(layer.lora_A)
+            layer.module.lora_B[plan.name].copy_(layer.lora_B)
+    with torch.no_grad():
+        for slot, value in plan.whole.values():
+            slot.copy_(value)
+    for path in plan.heads:
+        model.get_submodule(path).__dict__[TRAINED] = True
+

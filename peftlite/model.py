@@ -1,0 +1,340 @@
+"""inject / merge / unmerge / unload: LoRA, bottleneck adapters and prefix tuning over a whole model, in place.
+
+Every function here validates everything first and only then changes the model, so a call that
+raises :class:`PeftliteError` leaves the model exactly as it was. Each accepts a model wrapped by
+``DistributedDataParallel`` (``.module``) or ``torch.compile`` (``._orig_mod``) and works on the
+bare model inside.
+"""
+
+import inspect
+import sys
+
+from torch import nn
+
+from .bottleneck import Adapter, Bottleneck, adapter_sizes, check_adapter_options
+from .errors import PeftliteError
+from .fast_path import sync_fast_path_guards
+from .lora import LoRALayer, add_lora, check_lora_options, lora_layers, plan_lora, release
+from .prefix import PrefixEncoder
+from .prefix import attach as prefix_attach
+from .prefix.attention import MultiheadPrefixHook, default_attention
+from .targets import (attention_internals, find_lora_targets, no_target_message, peftlite_internals, select_modules,
+                      spec_matcher)
+
+METHODS = ("lora", "adapter", "prefix")
+TRAINED = "_peftlite_trained"  # set on a head module that trains with the adapters and is saved whole
+TASK_HEADS = {  # Hugging Face task models whose head is new: it trains by default, as PEFT's task types do
+    "ForSequenceClassification": ("classifier", "score"),
+    "ForTokenClassification": ("classifier", "score"),
+    "ForQuestionAnswering": ("qa_outputs",),
+}
+
+
+def unwrap(model) -> nn.Module:
+    """The bare model inside ``DistributedDataParallel`` / ``torch.compile`` wrappers (any nesting)."""
+    while True:
+        if isinstance(model, nn.parallel.DistributedDataParallel):
+            model = model.module
+        elif compiled(model):
+            model = model._orig_mod
+        else:
+            break
+    if not isinstance(model, nn.Module):
+        raise PeftliteError(f"expected a torch.nn.Module, got {type(model).__name__}.")
+    return model
+
+
+def compiled(model) -> bool:
+    """Whether ``model`` is ``torch.compile``'s wrapper (dynamo is loaded wherever one exists)."""
+    eval_frame = sys.modules.get("torch._dynamo.eval_frame")
+    return eval_frame is not None and isinstance(model, eval_frame.OptimizedModule)
+
+
+def inject(model: nn.Module, rank: int | None = None, *, method: str = "lora", targets=None, exclude=None,
+           trainable=None, **options) -> nn.Module:
+    """Add trainable adapters to ``model``, in place, and freeze everything else; return ``model``.
+
+    ``method="lora"`` (default): LoRA on the target layers (``rank`` default 8; options ``alpha``,
+    ``dropout``, ``rslora``, ``init``, ``name`` (default ``"default"``), ``adapter_dtype``);
+    ``targets=None`` means every Linear-like layer (Linear and subclasses, transformers' Conv1D)
+    but the output head; Embedding and Conv layers when named. Adapters are float32 on 16-bit
+    bases unless ``adapter_dtype`` says otherwise.
+    ``method="adapter"``: wrap each target module in an :class:`Adapter` (options as its
+    constructor: ``dim``, ``bottleneck``, ``reduction_factor``, ``activation``, ``mode``,
+    ``scaling``, ``dropout``, ``init``); ``targets`` is required.
+    ``method="prefix"``: prefix tuning (options ``prefix_len``, ``projection_dim``);
+    ``targets=None`` means every self-attention module.
+
+    ``targets``/``exclude``: module names (exact or dotted suffix), a full-match regex, or a
+    callable ``(name, module) -> bool`` (see ``peftlite.targets``). ``trainable``: names of
+    modules that train whole beside the adapters and are saved whole (PEFT's ``modules_to_save``);
+    ``None`` means the new head of a Hugging Face task model (``classifier``, ``score``,
+    ``qa_outputs`` of ``*ForSequenceClassification``, ``*ForTokenClassification``,
+    ``*ForQuestionAnswering``), ``[]`` none. Parameters of adapters injected earlier stay
+    trainable; every other parameter gets ``requires_grad=False``.
+    """
+    bare = unwrap(model)
+    if method not in METHODS:
+        raise PeftliteError(f"method={method!r}: expected one of {', '.join(map(repr, METHODS))}.")
+    if rank is not None and method != "lora":
+        raise PeftliteError(f"rank={rank!r} applies to method='lora' only; method={method!r} does not take it.")
+    build = {"lora": inject_lora, "adapter": inject_adapters, "prefix": inject_prefix}[method]
+    allowed = [p for p in inspect.signature(build).parameters if p not in ("model", "targets", "exclude", "trained")]
+    unknown = sorted(set(options) - set(allowed))
+    if unknown:
+        raise PeftliteError(f"inject(method={method!r}) got unknown option(s) {', '.join(unknown)}; its options are "
+                            f"{', '.join(allowed)}.")
+    if method == "lora":
+        options["rank"] = 8 if rank is None else rank
+    trained = trained_heads(bare, trainable)
+    build(bare, targets=targets, exclude=exclude, trained=trained | marked_heads(bare), **options)
+    for name in trained:
+        bare.get_submodule(name).__dict__[TRAINED] = True
+    freeze_all_but_adapters(bare)
+    sync_fast_path_guards(bare, is_adapted)
+    return model
+
+
+def inject_lora(model: nn.Module, rank: int = 8, *, alpha=None, targets=None, exclude=None, dropout: float = 0.0,
+                rslora: bool = False, init: str = "default", name: str = "default", adapter_dtype=None,
+                trained: set[str] = frozenset()) -> None:
+    check_lora_options(rank, alpha, dropout, init, rslora)
+    plans = {}
+    for path in find_lora_targets(model, targets, exclude, trained):
+        module = model.get_submodule(path)
+        if id(module) not in plans:  # a module reachable under several paths gets one adapter
+            plans[id(module)] = module, plan_lora(path, module, name, rank, alpha, dropout, rslora, init,
+                                                  adapter_dtype)
+    for module, plan in plans.values():
+        add_lora(module, *plan)
+
+
+def inject_adapters(model: nn.Module, *, targets=None, exclude=None, dim=None, bottleneck=None,
+                    reduction_factor: float = 16, activation: str = "relu", mode: str = "sequential", scaling=1.0,
+                    dropout: float = 0.0, init: str = "default", trained: set[str] = frozenset()) -> None:
+    options = dict(dim=dim, bottleneck=bottleneck, reduction_factor=reduction_factor, activation=activation,
+                   mode=mode, scaling=scaling, dropout=dropout, init=init)
+    check_adapter_options(**options)
+    if targets is None:
+        raise PeftliteError("inject(method='adapter') needs targets: the modules whose output gets an adapter. "
+                            "Houlsby: targets=['o_proj', 'down_proj'] (Llama) or ['attention.output.dense', "
+                            "'output.dense'] (BERT); Pfeiffer: the FFN output only. See docs/api/Adapter.md.")
+    names, modules = select_modules(model, targets, exclude, default=lambda modules: [])
+    if not names:
+        raise PeftliteError(no_target_message(targets, exclude, modules))
+    internals, own = attention_internals(model), peftlite_internals(model)
+    for name in names:  # check all before wrapping any: wrapping adopts the module
+        module = model.get_submodule(name)
+        if name in internals:
+            raise PeftliteError(f"module '{name}' belongs to an nn.MultiheadAttention, which never calls it, so an "
+                                "adapter there would have no effect. Wrap the attention module itself instead.")
+        if name in own:
+            raise PeftliteError(f"module '{name}' belongs to a peftlite module; leave it out of targets.")
+        try:
+            adapter_sizes(module, dim, bottleneck, reduction_factor, mode)
+        except PeftliteError as err:
+            raise PeftliteError(f"module '{name}': {err}") from None
+    wrap_each(model, names, lambda base: Adapter(base, **options))
+
+
+def inject_prefix(model: nn.Module, *, targets=None, exclude=None, prefix_len: int = 10,
+                  projection_dim: int | None = None, trained: set[str] = frozenset()) -> None:
+    names, modules = select_modules(model, targets, exclude, default_attention)
+    if not names:
+        raise PeftliteError("found no attention module to give a prefix: expected nn.MultiheadAttention, Hugging "
+                            "Face attention, or modules following peftlite.prefix.attention.PrefixAttention. "
+                            + no_target_message(targets, exclude, modules))
+    shape = prefix_attach.plan_prefix(model, names, prefix_len, projection_dim)
+    prefix_attach.install_prefix(model, names, shape, prefix_len, projection_dim)
+
+
+def trained_heads(model: nn.Module, trainable) -> set[str]:
+    """Names of the modules ``trainable`` asks to train whole (see :func:`inject`); checks, changes nothing."""
+    if trainable is None:
+        suffix = next((s for s in TASK_HEADS if type(model).__name__.endswith(s)), None)
+        return {name for name in TASK_HEADS.get(suffix, ()) if isinstance(model._modules.get(name), nn.Module)}
+    if not isinstance(trainable, (list, tuple, set, frozenset)) or not all(isinstance(e, str) for e in trainable):
+        raise PeftliteError(f"trainable={trainable!r}: expected a list of module names (exact or dotted suffix), "
+                            "[] for none, or None for the head of a Hugging Face task model.")
+    if not trainable:
+        return set()
+    modules = [(name, m) for name, m in model.named_modules() if name]
+    match = spec_matcher(list(trainable), "trainable", modules)
+    chosen = {name for name, m in modules if match(name, m)}
+    own = peftlite_internals(model)
+    for name in sorted(chosen):
+        module = model.get_submodule(name)
+        if isinstance(module, (LoRALayer, Adapter, Bottleneck, PrefixEncoder)) or name in own:
+            raise PeftliteError(f"trainable entry '{name}' is an adapted or peftlite module; name a plain module "
+                                "(a head or a norm) to train whole.")
+        if any(isinstance(m, (LoRALayer, Adapter)) for m in module.modules()):
+            raise PeftliteError(f"trainable entry '{name}' contains adapted layers; a module trained whole cannot "
+                                "also hold adapters. Name a module without them.")
+        if next(module.parameters(), None) is None:
+            raise PeftliteError(f"trainable entry '{name}' ({type(module).__name__}) has no parameters to train.")
+    return {name for name in chosen if not any(name.startswith(other + ".") for other in chosen)}
+
+
+def marked_heads(model: nn.Module) -> set[str]:
+    """Names of modules marked as trained heads by an earlier ``inject`` or ``load_adapter``."""
+    return {name for name, m in model.named_modules() if m.__dict__.get(TRAINED)}
+
+
+def wrap_each(model: nn.Module, names: list[str], wrap) -> None:
+    """Replace each named module by ``wrap(module)``; a module reachable under several names gets one wrapper."""
+    new = {}
+    for name in names:
+        base = model.get_submodule(name)
+        if id(base) not in new:
+            new[id(base)] = wrap(base)
+    replace(model, {name: new[id(model.get_submodule(name))] for name in names})
+
+
+def replace(model: nn.Module, modules: dict[str, nn.Module]) -> None:
+    """Set each qualified name in ``modules`` to its new module (and every other path to the same old one)."""
+    swaps = {id(model.get_submodule(name)): module for name, module in modules.items()}
+    for name, old in list(model.named_modules(remove_duplicate=False)):
+        if name and id(old) in swaps:
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent), child, swaps[id(old)])
+
+
+def adapter_parameters(model: nn.Module) -> set[int]:
+    """ids of every trainable-by-design parameter: LoRA A/B, bottlenecks, prefix encoders, trained heads."""
+    found = set()
+    for module in model.modules():
+        if isinstance(module, LoRALayer):
+            found |= {id(p) for p in (*module.lora_A.values(), *module.lora_B.values())}
+        elif isinstance(module, Adapter):
+            found |= {id(p) for p in module.adapter.parameters()}
+        elif isinstance(module, PrefixEncoder) or module.__dict__.get(TRAINED):
+            found |= {id(p) for p in module.parameters()}
+    return found
+
+
+def freeze_all_but_adapters(model: nn.Module) -> None:
+    trainable = adapter_parameters(model)
+    for param in model.parameters():
+        param.requires_grad_(id(param) in trainable)
+
+
+def is_adapted(module: nn.Module) -> bool:
+    """Holds peftlite state that a fused kernel reading its weights directly would skip."""
+    if isinstance(module, (LoRALayer, Adapter)):
+        return True
+    return any(isinstance(hook, MultiheadPrefixHook) for hook in module._forward_pre_hooks.values())
+
+
+def require_lora(model: nn.Module, action: str) -> dict[str, LoRALayer]:
+    layers = lora_layers(model)
+    if not layers:
+        raise PeftliteError(f"{action}: the model has no LoRA layers. Call peftlite.inject(model) "
+                            "or peftlite.load_adapter(model, directory) first.")
+    return layers
+
+
+def adapter_modules(model: nn.Module) -> dict[str, Adapter]:
+    return {name: m for name, m in model.named_modules() if isinstance(m, Adapter)}
+
+
+def unmergeable(model: nn.Module) -> str:
+    """A phrase naming the model's adapters that cannot be merged into weights, or ''."""
+    parts = [f"bottleneck adapter(s) at {', '.join(repr(n) for n in list(adapter_modules(model))[:3])}"] \
+        if adapter_modules(model) else []
+    if prefix_attach.prefix_encoder(model) is not None:
+        parts.append("prefix (model.prefix_encoder)")
+    return " and ".join(parts)
+
+
+def check_unshared(model: nn.Module, layers: dict[str, LoRALayer]) -> None:
+    """Refuse to merge a weight that another module holds too (tied weights): the merge would change it."""
+    holders: dict[int, dict[int, str]] = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        for key, param in module._parameters.items():
+            if param is not None:
+                holders.setdefault(id(param), {}).setdefault(id(module), f"{name}.{key}" if name else key)
+    for name, layer in layers.items():
+        others = [path for owner, path in holders.get(id(layer.weight), {}).items() if owner != id(layer)]
+        if others:
+            raise PeftliteError(f"merge: the weight of LoRA layer '{name}' is shared with '{others[0]}' (tied "
+                                "weights), so merging would change that module too; no layer was changed. Keep the "
+                                "model unmerged (its forward is correct), or untie the weights first.")
+
+
+def merge(model: nn.Module) -> nn.Module:
+    """Fold every LoRA update into its base weight, in place: ``W <- round(W + delta)``.
+
+    Idempotent. Afterwards a forward through each layer costs its plain base forward. The update
+    is computed in float32 and rounded once into the weight's dtype. Checks all layers before
+    changing any: a merged weight that would hold NaN or Inf, or a weight shared with another
+    module (tied weights), raises and changes nothing. Keeps one byte per merged weight element
+    so that :func:`unmerge` is bit-exact. Bottleneck adapters and prefixes cannot be merged
+    (they add computation, not a weight change); they stay as they are, and a model with
+    nothing but them raises.
+    """
+    bare = unwrap(model)
+    others = unmergeable(bare)
+    if not lora_layers(bare) and others:
+        raise PeftliteError(f"merge: the model's {others} cannot be merged into weights: they add computation of "
+                            "their own. Keep them, or remove them with peftlite.unload(model) (which drops what "
+                            "they learned; save_adapter first).")
+    pending = {name: layer for name, layer in require_lora(bare, "merge").items() if not layer.merged}
+    check_unshared(bare, pending)
+    for name, layer in pending.items():  # check only, so a bad layer changes nothing
+        if not layer.merge_is_finite():
+            raise PeftliteError(f"merging layer '{name}' gives NaN or Inf weights; no layer was changed. "
+                                "Check its lora_A/lora_B for NaN/Inf or overflow in the weight's dtype.")
+    for layer in pending.values():
+        layer.commit_merge()
+    return model
+
+
+merge_all = merge  # unload's argument is called `merge`
+
+
+def unmerge(model: nn.Module) -> nn.Module:
+    """Take every merged LoRA update out again, restoring each base weight bit-exactly. Idempotent."""
+    layers = require_lora(unwrap(model), "unmerge")
+    for name, layer in layers.items():
+        if layer.merged and not layer.exactly_unmergeable():
+            raise PeftliteError(f"layer '{name}': its weight, adapter, dtype or device changed while merged, so "
+                                "its weight cannot be restored exactly; no layer was changed. Unmerge before "
+                                "changing them.")
+    for layer in layers.values():
+        layer.unmerge()
+    return model
+
+
+def unload(model: nn.Module, merge: bool = True) -> nn.Module:
+    """Take every peftlite module out of ``model``, in place, and return the bare model.
+
+    Each LoRA layer gets its original class back (``nn.Linear``, ``Conv1D``, ...): with
+    ``merge=True`` holding the merged weight, with ``merge=False`` the original weight (unmerged
+    first if needed). Bottleneck adapters and the prefix cannot be merged: they are removed and
+    their modules left as before ``inject`` (save them with ``save_adapter`` first to keep them).
+    The result's ``state_dict()`` has exactly the keys and shapes the model had before
+    ``inject``. Parameters stay frozen as ``inject`` left them. If ``model`` is itself an
+    ``Adapter``, the module it wrapped is returned instead.
+    """
+    bare = unwrap(model)
+    if not isinstance(merge, bool):
+        raise PeftliteError(f"merge={merge!r}: expected True (fold the adapters in) or False (drop them).")
+    layers, adapters = lora_layers(bare), adapter_modules(bare)
+    if not layers and not adapters and prefix_attach.prefix_encoder(bare) is None:
+        raise PeftliteError("unload: the model has no LoRA layers, adapters or prefix. Call peftlite.inject(model) "
+                            "or peftlite.load_adapter(model, directory) first.")
+    if layers:
+        (merge_all if merge else unmerge)(bare)
+    if prefix_attach.prefix_encoder(bare) is not None:
+        prefix_attach.remove_prefix(bare)
+    for layer in layers.values():
+        release(layer)
+    for module in bare.modules():
+        module.__dict__.pop(TRAINED, None)
+    plain = {name: adapter.release() for name, adapter in adapters.items()}
+    root = plain.pop("", None)
+    replace(bare, plain)
+    result = root if root is not None else bare
+    sync_fast_path_guards(result, is_adapted)
+    return result
+
