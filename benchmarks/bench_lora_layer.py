@@ -47,7 +47,7 @@ def make_layers(args, rank, dropout) -> dict[str, nn.Module]:
     base = nn.Linear(args.k, args.n).to(args.device, dtype).requires_grad_(False)
     ours = peftlite.LoRALinear(copy.deepcopy(base), rank, alpha=2 * rank, dropout=dropout)
     with torch.no_grad():
-        ours.lora_B.normal_(0, 0.02)  # trained-looking, nonzero
+        ours.lora_B["default"].normal_(0, 0.02)  # trained-looking, nonzero
     backends = ["torch", "reference"] + (["triton"] if args.device == "cuda" and triton_available() else [])
     layers = {"base": base, **{f"peftlite {b}": OnBackend(ours, b) for b in backends}}
     try:

@@ -28,7 +28,7 @@ def layers(size, rank, dtype):
     base = nn.Linear(size, size).to(dtype)
     ours = peftlite.LoRALinear(copy.deepcopy(base), rank, alpha=2 * rank)
     with torch.no_grad():
-        ours.lora_B.normal_(0, 0.02)
+        ours.lora_B["default"].normal_(0, 0.02)
     out = {"peftlite": ours}
     try:
         out["peft"] = common.peft_twin(base, ours, rank)

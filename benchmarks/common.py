@@ -154,10 +154,10 @@ def peft_twin(base: torch.nn.Linear, ours, rank: int, dropout: float = 0.0):
     from peft import LoraConfig, inject_adapter_in_model
 
     holder = torch.nn.Sequential(copy.deepcopy(base))
-    config = LoraConfig(r=rank, lora_alpha=ours.alpha, lora_dropout=dropout, target_modules=["0"])
+    config = LoraConfig(r=rank, lora_alpha=ours.lora_settings["default"].alpha, lora_dropout=dropout, target_modules=["0"])
     inject_adapter_in_model(config, holder)
     layer = holder[0]
     with torch.no_grad():
-        layer.lora_A["default"].weight.copy_(ours.lora_A)
-        layer.lora_B["default"].weight.copy_(ours.lora_B)
+        layer.lora_A["default"].weight.copy_(ours.lora_A["default"])
+        layer.lora_B["default"].weight.copy_(ours.lora_B["default"])
     return layer

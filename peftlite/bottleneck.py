@@ -168,11 +168,12 @@ class Adapter(nn.Module):
                                 "expected a tensor or a tuple whose first element is a tensor.")
         source = hidden if self.mode == "sequential" else first_argument(args, kwargs)
         for what, tensor in (("output", hidden), ("input", source)):
-            if tensor.ndim == 0 or tensor.shape[self.feature_axis(tensor)] != self.dim:
-                raise PeftliteError(f"Adapter(dim={self.dim}) around {type(self.base).__name__}: its {what} has shape "
-                                    f"{tuple(tensor.shape)}, expected {self.dim} features on axis "
-                                    f"{self.feature_axis(tensor)}. Pass the right dim (or wrap the module whose "
-                                    "features match).")
+            axis = self.feature_axis(tensor)
+            if tensor.ndim == 0 or tensor.shape[axis] != self.dim:
+                features = tensor.shape[axis] if tensor.ndim else 0
+                raise PeftliteError(f"Adapter(dim={self.dim}) around {type(self.base).__name__}: its {what} has "
+                                    f"{features} features on axis {axis} (shape {tuple(tensor.shape)}). Pass "
+                                    f"dim={features} (or wrap the module whose features match).")
         if source.shape != hidden.shape:
             raise PeftliteError(f"a parallel Adapter adds a function of the input {tuple(source.shape)} to the output "
                                 f"{tuple(hidden.shape)} of the {type(self.base).__name__}; they must have one shape. "

@@ -216,6 +216,10 @@ class LoRALayer(nn.Module):
                 "forward in training mode on a merged LoRA layer: the adapter would get no gradient. "
                 "Call peftlite.unmerge(model) before training, or model.eval() / torch.no_grad() for inference.")
 
+    def __reduce_ex__(self, protocol):
+        """Pickle and deepcopy by the original class: generated classes are rebuilt, not looked up by name."""
+        return rebuild, (type(self).lora_base,), self.__dict__
+
     def extra_repr(self) -> str:
         adapters = ", ".join(f"{n}: rank={s.rank}, alpha={s.alpha:g}, dropout={s.dropout:g}, rslora={s.rslora}"
                              for n, s in self.lora_settings.items())
@@ -248,8 +252,10 @@ class LoRALinear(LoRALayer, nn.Linear):
     ['bias', 'lora_A.default', 'lora_B.default', 'weight']
     """
 
-    def __new__(cls, base: nn.Linear, rank: int = 8, alpha=None, dropout: float = 0.0, rslora: bool = False,
+    def __new__(cls, base: nn.Linear = None, rank: int = 8, alpha=None, dropout: float = 0.0, rslora: bool = False,
                 init: str = "default", name: str = "default", adapter_dtype=None):
+        if base is None:  # copy.deepcopy and pickle build the object first, then fill in its state
+            return super().__new__(cls)
         if isinstance(base, LoRALayer):
             raise PeftliteError("this layer already has LoRA; call peftlite.unload() first to give it a new one.")
         if type(base) is not nn.Linear:
@@ -325,6 +331,12 @@ def lora_class(base: type) -> type:
 
 
 LoRALinear.lora_base = nn.Linear
+
+
+def rebuild(base: type) -> LoRALayer:
+    """An empty ``LoRA<base>`` object for pickle and deepcopy to fill (see ``LoRALayer.__reduce_ex__``)."""
+    cls = lora_class(base)
+    return cls.__new__(cls)
 
 
 def lora_layers(model: nn.Module) -> dict[str, LoRALayer]:

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 import peftlite
-from peftlite.inject import lora_layers
+from peftlite.lora import lora_layers
 from peftlite.ops.dropout import draw_seed, drop_positions_from_seed
 
 # Relative tolerance per dtype: a few unit roundoffs, since each path rounds a handful of times.
@@ -96,8 +96,8 @@ def randomize_lora(model: nn.Module, std: float = 0.2, seed: int = 1) -> None:
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for layer in lora_layers(model).values():
-            noise = torch.randn(layer.lora_B.shape, generator=generator, dtype=torch.float64) * std
-            layer.lora_B.copy_(noise)
+            noise = torch.randn(layer.lora_B["default"].shape, generator=generator, dtype=torch.float64) * std
+            layer.lora_B["default"].copy_(noise)
 
 
 def snapshot(model: nn.Module) -> dict:

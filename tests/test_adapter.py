@@ -8,7 +8,7 @@ from torch import nn
 
 import peftlite
 from peftlite import Adapter, PeftliteError
-from peftlite.inject import lora_layers
+from peftlite.lora import lora_layers
 from tests.models import DTYPES, TOLERANCE, assert_unchanged, snapshot, tiny_bert, tiny_llama
 
 ACTS = {"relu": torch.relu, "gelu": nn.functional.gelu, "silu": nn.functional.silu, "tanh": torch.tanh}
@@ -18,18 +18,18 @@ def randomize(adapter: Adapter, seed: int = 3) -> None:
     """Nonzero up projection (and scale): zero-init would hide most bugs."""
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for param in adapter.adapter.parameters():
+        for param in adapter.bottleneck.parameters():
             param.copy_(torch.randn(param.shape, generator=generator, dtype=torch.float64) * 0.3 + 0.1)
 
 
 def reference(adapter: Adapter, x: torch.Tensor, activation: str) -> torch.Tensor:
     """The formula in float64: h + s * up(act(down(source)))."""
     b = adapter.base
-    f64 = {n: p.detach().double() for n, p in adapter.adapter.named_parameters()}
+    f64 = {n: p.detach().double() for n, p in adapter.bottleneck.named_parameters()}
     h = nn.functional.linear(x.double(), b.weight.double(), None if b.bias is None else b.bias.double())
     source = h if adapter.mode == "sequential" else x.double()
     inner = ACTS[activation](source @ f64["down.weight"].T + f64["down.bias"])
-    scale = f64.get("scale", torch.tensor(adapter.adapter.scaling if not isinstance(adapter.adapter.scaling, str)
+    scale = f64.get("scale", torch.tensor(adapter.bottleneck.scaling if not isinstance(adapter.bottleneck.scaling, str)
                                           else 0.0, dtype=torch.float64))
     return h + scale * (inner @ f64["up.weight"].T + f64["up.bias"])
 
@@ -41,7 +41,7 @@ def test_default_init_is_exactly_the_base(dtype):
     x = torch.randn(3, 5, 24, dtype=dtype)
     expected = base(x)
     adapter = Adapter(base, reduction_factor=4)
-    assert adapter.adapter.up.weight.dtype == dtype
+    assert adapter.bottleneck.up.weight.dtype == dtype
     assert torch.equal(adapter(x), expected)
 
 
@@ -94,7 +94,7 @@ def test_state_dict_keys_and_paths_of_the_base_are_unchanged():
     peftlite.inject(model, method="adapter", targets=["mlp"], bottleneck=4)
     after = set(model.state_dict())
     assert before <= after
-    assert after - before == {f"model.layers.{i}.mlp.adapter.{k}" for i in range(2)
+    assert after - before == {f"model.layers.{i}.mlp.adapter.default.{k}" for i in range(2)
                               for k in ("down.weight", "down.bias", "up.weight", "up.bias")}
     assert isinstance(model.get_submodule("model.layers.0.mlp.down_proj"), nn.Linear)
     assert model.model.layers[0].mlp.hidden_size == 32  # attributes read through to the base
@@ -149,7 +149,7 @@ def test_device_dtype_moves_reach_base_and_adapter():
     peftlite.inject(model, method="adapter", targets=["1"], dim=8, bottleneck=2)
     model.to(torch.float64)
     assert model[1].base.running_mean.dtype == torch.float64  # buffers replaced on .to() are shared
-    assert model[1].adapter.up.weight.dtype == torch.float64
+    assert model[1].bottleneck.up.weight.dtype == torch.float64
     model.train()
     model(torch.randn(4, 8, dtype=torch.float64))
     assert model[1].base.training and int(model[1].num_batches_tracked) == 1

@@ -5,7 +5,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from peftlite.exact_merge import _BITS, merge_exact_, merge_is_finite, rounded_add, unmerge_exact_
+from peftlite.ops.exact_merge import _BITS, merge_exact_, merge_is_finite, rounded_add, unmerge_exact_
 from tests.models import DTYPES
 
 
@@ -79,7 +79,7 @@ def test_repeated_cycles_are_exact(dtype, seed, weight_scale, delta_scale, cycle
 
 
 def test_blocks_cover_tall_and_wide_weights(monkeypatch):
-    monkeypatch.setattr("peftlite.exact_merge.BLOCK_ELEMENTS", 64)  # many blocks, and rows wider than a block
+    monkeypatch.setattr("peftlite.ops.exact_merge.BLOCK_ELEMENTS", 64)  # many blocks, and rows wider than a block
     for shape in [(37, 5), (3, 100), (1, 1)]:
         weight = torch.randn(shape).mul(0.02).to(torch.bfloat16)
         delta = torch.randn(shape) * 50
@@ -100,7 +100,7 @@ def test_finiteness_check_reads_only():
 
 def test_blocks_are_larger_off_the_cpu():
     """Off the CPU each block costs kernel launches and one read back: 4 blocks for a 4096^2 weight, not 256."""
-    from peftlite.exact_merge import row_blocks
+    from peftlite.ops.exact_merge import row_blocks
 
     assert len(row_blocks(torch.empty(4096, 4096))) == 256
     blocks = row_blocks(torch.empty(4096, 4096, device="meta"))

@@ -6,8 +6,8 @@ from torch import nn
 
 import peftlite
 from peftlite import LoRALinear, PeftliteError
-from peftlite.exact_merge import _BITS
-from peftlite.inject import lora_layers
+from peftlite.ops.exact_merge import _BITS
+from peftlite.lora import lora_layers
 from tests.models import (TinyMLP, assert_close_scaled, assert_unchanged, injected_llama, randomize_lora, snapshot,
                           tiny_bert, tiny_llama)
 
@@ -27,7 +27,7 @@ def test_inject_wraps_targets_keeps_keys_and_freezes_the_rest():
     assert len(layers) == 14 and isinstance(model.lm_head, nn.Linear)
     new_keys = set(model.state_dict())
     assert keys <= new_keys and all("lora" in k for k in new_keys - keys)
-    assert new_keys - keys == {f"{n}.{p}" for n in layers for p in ("lora_A", "lora_B")}
+    assert new_keys - keys == {f"{n}.{p}" for n in layers for p in ("lora_A.default", "lora_B.default")}
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable == new_keys - keys
 
@@ -63,8 +63,8 @@ def test_injected_model_starts_equal_to_base_and_trains_only_adapters():
 @pytest.mark.parametrize("kwargs, match", [
     ({"rank": 0}, "rank=0"), ({"alpha": 0}, "alpha=0"), ({"dropout": 1.0}, "dropout=1.0"),
     ({"targets": ["q_projj"]}, "Modules that look close: q_proj"),
-    ({"targets": ["self_attn"]}, "expected an nn.Linear"),
-    ({"targets": ["q_proj", "embed_tokens"]}, "Embedding"), ({"init": "olora"}, "init="),
+    ({"targets": ["self_attn"]}, "LlamaAttention, which LoRA does not support"),
+    ({"targets": ["q_proj", "input_layernorm"]}, "LlamaRMSNorm"), ({"init": "olora"}, "init="),
 ])
 def test_bad_inject_raises_and_leaves_model_unchanged(kwargs, match):
     model = tiny_llama()
@@ -77,7 +77,7 @@ def test_bad_inject_raises_and_leaves_model_unchanged(kwargs, match):
 def test_injecting_twice_is_an_error_and_changes_nothing():
     model = injected_llama(targets=["q_proj"])
     before = snapshot(model)
-    with pytest.raises(PeftliteError, match="already has LoRA"):
+    with pytest.raises(PeftliteError, match="already has a LoRA adapter named 'default'"):
         peftlite.inject(model, targets=["q_proj", "v_proj"])
     assert_unchanged(model, before)
     peftlite.inject(model, targets=["v_proj"])  # other layers may be added later
@@ -116,8 +116,8 @@ def test_merge_unmerge_over_model_is_exact_and_consistent(dtype):
 def test_merge_with_one_bad_layer_changes_no_layer():
     model = injected_llama().to(torch.float16)
     with torch.no_grad():
-        model.model.layers[1].mlp.down_proj.lora_A.fill_(300.0)
-        model.model.layers[1].mlp.down_proj.lora_B.fill_(300.0)  # 300 * 300 * rank 4 * scaling 1 > float16 max
+        model.model.layers[1].mlp.down_proj.lora_A["default"].fill_(300.0)
+        model.model.layers[1].mlp.down_proj.lora_B["default"].fill_(300.0)  # 300 * 300 * rank 4 * scaling 1 > float16 max
     before = snapshot(model)
     with pytest.raises(PeftliteError, match="model.layers.1.mlp.down_proj"):
         peftlite.merge(model)

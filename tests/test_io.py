@@ -8,7 +8,7 @@ from safetensors.torch import load_file, save_file
 
 import peftlite
 from peftlite import PeftliteError
-from peftlite.inject import lora_layers
+from peftlite.lora import lora_layers
 from tests.models import (assert_load_refused, assert_unchanged, injected_llama, randomize_lora, snapshot, tiny_bert,
                           tiny_llama)
 
@@ -76,8 +76,9 @@ def test_peft_adapter_loads_in_peftlite_with_same_outputs(tmp_path, make):
     reference.save_pretrained(tmp_path)
     model = peftlite.load_adapter(make(), tmp_path)
     layers = lora_layers(model)
-    assert {layer.rank for name, layer in layers.items() if name.endswith(targets[-1])} == {3}
-    assert {layer.alpha for name, layer in layers.items() if name.endswith(targets[0])} == {20.0}
+    assert {layer.lora_settings["default"].rank for name, layer in layers.items() if name.endswith(targets[-1])} == {3}
+    assert {layer.lora_settings["default"].alpha for name, layer in layers.items()
+            if name.endswith(targets[0])} == {20.0}
     torch.testing.assert_close(outputs(model), outputs(reference), rtol=1e-5, atol=1e-6)
 
 
@@ -129,7 +130,7 @@ BAD_FILES = {
         "base_model.model.model.nope.lora_A.weight": torch.zeros(4, 32),
         "base_model.model.model.nope.lora_B.weight": torch.zeros(32, 4)})), "no module 'model.nope'"),
     "shape mismatch": (lambda d: edit_weights(d, lambda t: t.update({f"{Q}.lora_A.weight": torch.zeros(4, 31)})),
-                       "shape mismatch for 'model.layers.0.self_attn.q_proj'"),
+                       "shape mismatch for layer 'model.layers.0.self_attn.q_proj'"),
     "rank vs config": (lambda d: edit_config(d, r=8), "shape mismatch"),
     "corrupt weights": (lambda d: (d / "adapter_model.safetensors").write_bytes(b"\x00garbage" * 10),
                         "not a readable safetensors file"),
@@ -185,13 +186,13 @@ def test_save_while_merged_saves_the_adapter(tmp_path):
     torch.testing.assert_close(outputs(peftlite.load_adapter(tiny_llama(), tmp_path)), expected)
 
 
-def test_load_casts_to_the_model_dtype(tmp_path):
+def test_load_on_a_16_bit_model_gives_float32_adapters_with_the_file_values(tmp_path):
     source = injected_llama()
     peftlite.save_adapter(source, tmp_path)
     model = peftlite.load_adapter(tiny_llama().to(torch.bfloat16), tmp_path)
     layer = model.model.layers[0].self_attn.q_proj
-    assert layer.lora_A.dtype == torch.bfloat16
-    assert torch.equal(layer.lora_B, source.model.layers[0].self_attn.q_proj.lora_B.detach().to(torch.bfloat16))
+    assert layer.lora_A["default"].dtype == torch.float32
+    assert torch.equal(layer.lora_B["default"], source.model.layers[0].self_attn.q_proj.lora_B["default"].detach())
 
 
 def test_peft_classifier_adapter_with_modules_to_save_loads(tmp_path):

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 from peftlite import LoRALinear, PeftliteError
-from peftlite.exact_merge import _BITS
+from peftlite.ops.exact_merge import _BITS
 from peftlite.ops.reference import lora_backward, lora_forward
 from tests.models import DTYPES, assert_close_scaled, assert_within_rounding, keep_mask
 
@@ -19,17 +19,17 @@ def make_layer(in_features, out_features, rank, dtype=torch.float32, bias=True, 
     torch.manual_seed(seed)
     layer = LoRALinear(nn.Linear(in_features, out_features, bias=bias).to(dtype), rank, **kwargs)
     with torch.no_grad():
-        layer.lora_B.normal_(0, 0.5)  # nonzero: zero B hides bugs in the update path
+        layer.lora_B["default"].normal_(0, 0.5)  # nonzero: zero B hides bugs in the update path
     return layer
 
 
 def layer_values(layer, absolute=False):
     """(weight, bias, A, B, scaling) in float64; with ``absolute``, their absolute values."""
-    values = [None if t is None else t.detach().double() for t in (layer.weight, layer.bias, layer.lora_A,
-                                                                    layer.lora_B)]
+    values = [None if t is None else t.detach().double() for t in (layer.weight, layer.bias, layer.lora_A["default"],
+                                                                    layer.lora_B["default"])]
     if absolute:
         values = [None if t is None else t.abs() for t in values]
-    return (*values, abs(layer.scaling) if absolute else layer.scaling)
+    return (*values, abs(layer.lora_settings["default"].scaling) if absolute else layer.lora_settings["default"].scaling)
 
 
 def reference(x, layer, keep=None):
@@ -62,7 +62,7 @@ def check_against_reference(layer, x, dtype, keep=None):
     dx_mag, da_mag, db_mag = lora_backward(grad_out.double().abs().reshape(-1, n), x_abs.reshape(-1, k), weight, a,
                                            b, scaling, None if keep is None else keep.reshape(-1, k))
     magnitudes = (dx_mag.view(x.shape), da_mag, db_mag)
-    for got, want, magnitude in zip((x.grad, layer.lora_A.grad, layer.lora_B.grad), expected, magnitudes):
+    for got, want, magnitude in zip((x.grad, layer.lora_A["default"].grad, layer.lora_B["default"].grad), expected, magnitudes):
         assert_within_rounding(got, want, magnitude, dtype)
     return y
 
@@ -86,7 +86,7 @@ def test_forward_and_backward_match_float64_reference(dtype, bias):
 def test_matches_reference_over_shapes(batch, in_features, out_features, rank, dtype, alpha, rslora):
     layer = make_layer(in_features, out_features, rank, dtype, alpha=alpha, rslora=rslora)
     expected_scaling = alpha / math.sqrt(rank) if rslora else alpha / rank
-    assert layer.scaling == pytest.approx(expected_scaling)
+    assert layer.lora_settings["default"].scaling == pytest.approx(expected_scaling)
     x = torch.randn(*batch, in_features).to(dtype).requires_grad_(True)
     assert check_against_reference(layer, x, dtype).shape == (*batch, out_features)
 
@@ -94,8 +94,8 @@ def test_matches_reference_over_shapes(batch, in_features, out_features, rank, d
 def test_gradcheck_float64():
     layer = make_layer(6, 5, 3, torch.float64, alpha=4)
     x = torch.randn(4, 6, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(lambda x, a, b: torch.func.functional_call(layer, {"lora_A": a, "lora_B": b}, x),
-                                    (x, layer.lora_A, layer.lora_B))
+    assert torch.autograd.gradcheck(lambda x, a, b: torch.func.functional_call(layer, {"lora_A.default": a, "lora_B.default": b}, x),
+                                    (x, layer.lora_A["default"], layer.lora_B["default"]))
 
 
 def test_non_contiguous_input():
@@ -110,9 +110,9 @@ def test_holds_base_parameters_without_copying_and_freezes_them():
     layer = LoRALinear(base, rank=3)
     assert layer.weight is base.weight and layer.bias is base.bias
     assert not layer.weight.requires_grad and not layer.bias.requires_grad
-    assert layer.lora_A.requires_grad and layer.lora_B.requires_grad
-    assert set(layer.state_dict()) == {"weight", "bias", "lora_A", "lora_B"}
-    assert layer.lora_A.shape == (3, 10) and layer.lora_B.shape == (7, 3)
+    assert layer.lora_A["default"].requires_grad and layer.lora_B["default"].requires_grad
+    assert set(layer.state_dict()) == {"weight", "bias", "lora_A.default", "lora_B.default"}
+    assert layer.lora_A["default"].shape == (3, 10) and layer.lora_B["default"].shape == (7, 3)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -122,19 +122,20 @@ def test_default_init_equals_base_exactly(dtype):
     x = torch.randn(4, 33).to(dtype)
     expected = base(x)
     layer = LoRALinear(base, rank=8)
-    assert layer.lora_A.dtype == dtype and layer.lora_B.dtype == dtype
+    adapter_dtype = torch.float32 if dtype in (torch.bfloat16, torch.float16) else dtype  # fp32 on 16-bit bases
+    assert layer.lora_A["default"].dtype == adapter_dtype and layer.lora_B["default"].dtype == adapter_dtype
     assert torch.equal(layer(x), expected)
-    assert layer.lora_A.abs().sum() > 0 and layer.lora_B.abs().sum() == 0
+    assert layer.lora_A["default"].abs().sum() > 0 and layer.lora_B["default"].abs().sum() == 0
     bound = 1 / math.sqrt(33)  # kaiming_uniform(a=sqrt(5)) bound for fan_in 33
-    assert layer.lora_A.abs().max() <= bound
+    assert layer.lora_A["default"].abs().max() <= bound
 
 
 def test_gaussian_init_std_is_one_over_rank():
     torch.manual_seed(0)
     layer = LoRALinear(nn.Linear(2000, 4), rank=4, init="gaussian")
-    assert layer.lora_A.std().item() == pytest.approx(1 / 4, rel=0.03)
-    assert layer.lora_A.mean().abs().item() < 0.01
-    assert layer.lora_B.abs().sum() == 0
+    assert layer.lora_A["default"].std().item() == pytest.approx(1 / 4, rel=0.03)
+    assert layer.lora_A["default"].mean().abs().item() < 0.01
+    assert layer.lora_B["default"].abs().sum() == 0
 
 
 @pytest.mark.parametrize("p", [0.1, 0.5])
@@ -161,7 +162,7 @@ def test_output_can_be_modified_in_place(p, out_features):
     grad_out = torch.randn_like(y)
     y.backward(grad_out)
     expected = reference_grads(x, layer, 2.0 * grad_out, keep)
-    for got, want in zip((x.grad, layer.lora_A.grad, layer.lora_B.grad), expected):
+    for got, want in zip((x.grad, layer.lora_A["default"].grad, layer.lora_B["default"].grad), expected):
         torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
 
 
@@ -213,8 +214,8 @@ def test_merged_forward_is_one_linear():
 def test_merge_refuses_non_finite_and_changes_nothing():
     layer = make_layer(8, 8, 2, torch.float16)
     with torch.no_grad():
-        layer.lora_B.fill_(300.0)
-        layer.lora_A.fill_(300.0)  # 300*300*2 overflows float16
+        layer.lora_B["default"].fill_(300.0)
+        layer.lora_A["default"].fill_(300.0)  # 300*300*2 overflows float16
     before = bits(layer.weight)
     with pytest.raises(PeftliteError, match="NaN or Inf"):
         layer.merge()
@@ -233,7 +234,7 @@ def test_training_a_merged_layer_is_an_error():
 
 
 @pytest.mark.parametrize("change", [
-    lambda layer: layer.lora_A.add_(1.0), lambda layer: layer.lora_B.mul_(2.0),
+    lambda layer: layer.lora_A["default"].add_(1.0), lambda layer: layer.lora_B["default"].mul_(2.0),
     lambda layer: layer.weight.copy_(torch.randn(8, 8)), lambda layer: layer.to(torch.float64),
 ])
 def test_changes_while_merged_refuse_unmerge(change):
@@ -278,8 +279,8 @@ def test_activation_checkpointing_recomputes_the_same_dropout(reentrant):
         torch.manual_seed(11)
         y = checkpoint(layer, x, use_reentrant=reentrant) if use_checkpoint else layer(x)
         y.backward(grad_out)
-        grads.append([t.grad.clone() for t in (x, layer.lora_A, layer.lora_B)])
-        for t in (x, layer.lora_A, layer.lora_B):
+        grads.append([t.grad.clone() for t in (x, layer.lora_A["default"], layer.lora_B["default"])])
+        for t in (x, layer.lora_A["default"], layer.lora_B["default"]):
             t.grad = None
     for plain, recomputed in zip(*grads):
         assert torch.equal(plain, recomputed)
@@ -287,13 +288,13 @@ def test_activation_checkpointing_recomputes_the_same_dropout(reentrant):
 
 def test_reset_lora_rejects_unknown_init_and_merged_layers():
     layer = make_layer(6, 4, 2)
-    before = layer.lora_B.detach().clone()
+    before = layer.lora_B["default"].detach().clone()
     with pytest.raises(PeftliteError, match="init='pissa'"):
         layer.reset_lora("pissa")
-    assert torch.equal(layer.lora_B, before)
+    assert torch.equal(layer.lora_B["default"], before)
     layer.merge()
     with pytest.raises(PeftliteError, match="unmerge"):
         layer.reset_lora()
     layer.unmerge()
     layer.reset_lora("gaussian")
-    assert layer.lora_B.abs().sum() == 0
+    assert layer.lora_B["default"].abs().sum() == 0

@@ -6,8 +6,8 @@ import pytest
 
 import peftlite
 from peftlite import PeftliteError
-from peftlite.inject import lora_layers
-from peftlite.peft_format import build_config, check_config, configured_targets, layer_settings, target_list
+from peftlite.lora import LoRASettings, lora_layers
+from peftlite.io.lora_format import build_config, check_config, configured_targets, layer_settings, target_list
 from tests.models import tiny_llama
 
 
@@ -25,11 +25,11 @@ def test_patterns_hold_the_layers_that_differ_and_match_only_them():
     model = tiny_llama()
     peftlite.inject(model, rank=8, alpha=16, targets=["q_proj", "v_proj", "model.layers.1.mlp.up_proj"])
     peftlite.inject(model, rank=2, alpha=5, targets=["model.layers.0.mlp.up_proj"])
-    config = build_config(model, lora_layers(model))
+    config = build_config(model, lora_layers(model), "default")
     assert config["r"] == 8 and config["lora_alpha"] == 16
     assert config["rank_pattern"] == {re.escape("model.layers.0.mlp.up_proj"): 2}
-    assert layer_settings(config, "model.layers.0.mlp.up_proj") == (2, 5.0)
-    assert layer_settings(config, "model.layers.1.mlp.up_proj") == (8, 16.0)
+    assert layer_settings(config, "model.layers.0.mlp.up_proj") == LoRASettings(2, 5.0)
+    assert layer_settings(config, "model.layers.1.mlp.up_proj") == LoRASettings(8, 16.0)
 
 
 def test_configured_targets_follow_peft_rules():
@@ -45,7 +45,12 @@ def test_configured_targets_follow_peft_rules():
     ([], "expected a JSON object"), ({"peft_type": "IA3"}, "peft_type is 'IA3'"),
     ({"peft_type": "LORA", "r": 0}, "rank=0"), ({"peft_type": "LORA", "lora_alpha": -2}, "alpha=-2"),
     ({"peft_type": "LORA", "layers_to_transform": [0]}, "layers_to_transform"),
-    ({"peft_type": "LORA", "fan_in_fan_out": True}, "fan_in_fan_out"),
+    ({"peft_type": "LORA", "fan_in_fan_out": "yes"}, "fan_in_fan_out"),
+    ({"peft_type": "LORA", "use_rslora": "false"}, "rslora='false'"),
+    ({"peft_type": "LORA", "rank_pattern": {"q_proj": 0}}, r"rank_pattern\['q_proj'\] = 0"),
+    ({"peft_type": "LORA", "alpha_pattern": {"q_proj": -1}}, r"alpha_pattern\['q_proj'\] = -1"),
+    ({"peft_type": "LORA", "alpha_pattern": {"(": 2}}, "not a valid regular expression"),
+    ({"peft_type": "LORA", "target_modules": 5}, "target_modules=5"),
 ])
 def test_unsupported_configs_are_named(config, match):
     with pytest.raises(PeftliteError, match=match):

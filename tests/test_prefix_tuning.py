@@ -92,7 +92,7 @@ def test_encoder_fast_paths_do_not_skip_the_prefix():
 
 
 class CausalAttention(nn.Module):
-    """A custom attention module following peftlite.attention.PrefixAttention (grouped-query)."""
+    """A custom attention module following peftlite.prefix.attention.PrefixAttention (grouped-query)."""
 
     def __init__(self, dim=24, heads=6, kv_heads=2):
         super().__init__()
@@ -174,7 +174,7 @@ def test_detector_raises_when_attention_bypasses_sdpa():
 
 
 def test_hugging_face_models_run_the_registered_attention_and_get_it_back():
-    from peftlite.hf_attention import NAME
+    from peftlite.prefix.hf_attention import NAME
 
     model = tiny_llama()
     ids = torch.randint(0, 64, (1, 5))
@@ -224,8 +224,10 @@ def test_sample_alone_equals_sample_in_padded_batch(build):
 
 
 def test_bert_padding_and_only_prefix_trains():
+    assert [n for n, p in peftlite.inject(tiny_bert(), method="prefix", prefix_len=3).named_parameters()
+            if p.requires_grad] == ["classifier.weight", "classifier.bias", "prefix_encoder.prefix"]  # new head trains
     model = tiny_bert()
-    peftlite.inject(model, method="prefix", prefix_len=3)
+    peftlite.inject(model, method="prefix", prefix_len=3, trainable=[])
     assert [n for n, p in model.named_parameters() if p.requires_grad] == ["prefix_encoder.prefix"]
     torch.manual_seed(2)
     short = torch.randint(1, 64, (1, 5))
@@ -365,14 +367,14 @@ def test_deepcopy_gets_its_own_prefix_and_adapters():
         torch.testing.assert_close(twin(input_ids=ids).logits, model(input_ids=ids).logits, rtol=0, atol=0)
         expected = model(input_ids=ids).logits
         twin.prefix_encoder.prefix.zero_()
-        twin.model.layers[0].self_attn.o_proj.adapter.up.weight.fill_(1.0)
+        twin.model.layers[0].self_attn.o_proj.bottleneck.up.weight.fill_(1.0)
         assert not torch.allclose(twin(input_ids=ids).logits, expected)
         torch.testing.assert_close(model(input_ids=ids).logits, expected, rtol=0, atol=0)  # the original is its own
 
 
 def test_interception_path_matches_the_registry_path_on_llama(monkeypatch):
     """Transformers without an attention registry fall back to intercepting the SDPA call: same logits."""
-    from peftlite import hf_attention
+    from peftlite.prefix import hf_attention
 
     ids = torch.randint(0, 64, (2, 7))
     mask = torch.tensor([[1] * 7, [1] * 5 + [0] * 2])

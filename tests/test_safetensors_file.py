@@ -7,7 +7,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from peftlite.safetensors_file import DTYPES, save_file
+from peftlite.io.safetensors_file import DTYPES, save_file
 
 
 @pytest.mark.parametrize("dtype", list(DTYPES))

@@ -1,11 +1,15 @@
-"""find_targets: the default rule, the three spec forms, exclude, and errors that name the fix."""
+"""find_lora_targets: the default rule, the three spec forms, exclude, and errors that name the fix."""
 
 import pytest
 from torch import nn
 
 from peftlite import PeftliteError
-from peftlite.targets import find_targets, output_heads
+from peftlite.targets import find_lora_targets, output_heads
 from tests.models import TinyMLP, tiny_bert, tiny_llama
+
+
+def find_targets(model, targets=None, exclude=None):
+    return list(find_lora_targets(model, targets, exclude))
 
 LLAMA_LINEARS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -53,9 +57,29 @@ def test_typo_lists_close_names():
         find_targets(tiny_llama(), exclude=["up_prj"])
 
 
-def test_non_linear_target_is_an_error():
-    with pytest.raises(PeftliteError, match="'model.layers.0.self_attn' is a LlamaAttention, expected an nn.Linear"):
+def test_unsupported_target_names_its_type_and_the_kinds():
+    with pytest.raises(PeftliteError, match="'model.layers.0.self_attn' is a LlamaAttention, which LoRA does not "
+                                            "support; supported: nn.Linear .and subclasses., transformers Conv1D, "
+                                            "nn.Embedding, nn.Conv1d/2d/3d"):
         find_targets(tiny_llama(), ["self_attn"])
+
+
+def test_embeddings_and_convs_only_when_named():
+    model = nn.Sequential(nn.Embedding(10, 8), nn.Conv1d(8, 8, 3), nn.Linear(8, 8), nn.Linear(8, 3))
+    assert find_targets(model) == ["2", "3"]  # no output head found by name here: both Linears
+    assert find_targets(model, ["0", "1"]) == ["0", "1"]
+
+
+def test_peftlite_modules_are_never_targets():
+    import peftlite
+
+    model = TinyMLP()
+    peftlite.inject(model, method="adapter", targets=["fc1"])
+    peftlite.inject(model, method="lora", rank=2)  # the bottleneck's down/up are not adapted
+    adapted = [n for n, m in model.named_modules() if isinstance(m, peftlite.LoRALayer)]
+    assert adapted == ["fc2"]
+    with pytest.raises(PeftliteError, match="belongs to a peftlite module"):
+        find_targets(model, ["fc1.adapter.default.down"])
 
 
 def test_multihead_attention_internals_are_skipped_or_refused():
@@ -72,5 +96,5 @@ def test_malformed_specs(spec):
 
 
 def test_excluding_everything_is_an_error():
-    with pytest.raises(PeftliteError, match="left no nn.Linear"):
+    with pytest.raises(PeftliteError, match="left no layer to adapt"):
         find_targets(TinyMLP(), exclude=["fc1", "fc2"])

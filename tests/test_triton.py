@@ -96,7 +96,7 @@ def test_lora_linear_under_triton_backend_with_odd_inputs(monkeypatch):
     torch.manual_seed(0)
     layer = peftlite.LoRALinear(torch.nn.Linear(12, 7), rank=3).to(DEVICE)
     with torch.no_grad():
-        layer.lora_B.normal_()
+        layer.lora_B["default"].normal_()
     x = torch.randn(4, 12, 3, device=DEVICE).transpose(1, 2)  # 3-D and non-contiguous
     out = layer(x)
     monkeypatch.setenv("PEFTLITE_BACKEND", "torch")

@@ -281,11 +281,14 @@ def split_keys(tensors: dict, source: str) -> tuple[dict, dict]:
             parts.setdefault(match["module"], {})[match["part"]] = tensor
     pairs = {}
     for module, found in parts.items():
-        kind_keys = next((k.peft_keys for k in KINDS if set(found) == set(k.peft_keys)), None)
+        kind_keys = next((k.peft_keys for k in KINDS if set(found) <= set(k.peft_keys)), None)
         if kind_keys is None:
-            expected = " and ".join(f"'{weight_key(module, p)}'" for p in ("lora_A.weight", "lora_B.weight"))
-            raise PeftliteError(f"{source}: layer '{module}' has keys {sorted(found)}; expected {expected} (or "
-                                "lora_embedding_A/B for an Embedding).")
+            raise PeftliteError(f"{source}: layer '{module}' mixes key kinds {sorted(found)}; expected lora_A.weight "
+                                "and lora_B.weight, or lora_embedding_A and lora_embedding_B (Embedding).")
+        missing = [part for part in kind_keys if part not in found]
+        if missing:
+            raise PeftliteError(f"{source}: missing key '{weight_key(module, missing[0])}' (layer '{module}' has "
+                                f"only {sorted(found)}).")
         pairs[module] = (kind_keys[0], found[kind_keys[0]], found[kind_keys[1]])
     if not pairs:
         raise PeftliteError(f"{source}: holds no LoRA weights.")
@@ -349,10 +352,10 @@ def check_complete(model: nn.Module, config: dict, present: set[str], name: str,
     holding = {path for path, layer in lora_layers(model).items() if name in layer.lora_settings}
     missing = sorted((configured_targets(model, config) | holding) - present)
     if missing:
-        shown = ", ".join(f"'{m}'" for m in missing[:3])
+        keys = [weight_key(m, kind_of(model.get_submodule(m)).peft_keys[0]) for m in missing[:3]]
         more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
-        raise PeftliteError(f"{source}: no LoRA weights for layer {shown}{more} (targeted by the config, or already "
-                            f"holding adapter {name!r} in the model).")
+        raise PeftliteError(f"{source}: missing key {', '.join(map(repr, keys))}{more} (a layer targeted by the "
+                            f"config, or already holding adapter {name!r} in the model).")
 
 
 def saved_heads(model: nn.Module, config: dict, source: str) -> set[str]:
