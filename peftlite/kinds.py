@@ -53,6 +53,10 @@ class Kind(Protocol):
     def branch(self, module: nn.Module, x: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor) -> torch.Tensor:
         """The low-rank term for input ``x`` in the module's output layout (scaling not applied)."""
 
+    def merges(self, cls: type) -> bool:
+        """Whether adding ``delta`` to the weight of a ``cls`` module gives what the unmerged forward computes:
+        true where ``cls`` runs the kind's own forward (a subclass that overrides it may do anything)."""
+
     def delta_rows(self, lora_A: torch.Tensor, lora_B: torch.Tensor, r0: int, r1: int) -> torch.Tensor:
         """Rows ``r0:r1`` of ``delta`` in the stored weight's layout (first axis), unscaled."""
 
@@ -86,6 +90,9 @@ class LinearKind:
     def matches(self, module):
         return isinstance(module, nn.Linear)
 
+    def merges(self, cls):
+        return cls.forward is nn.Linear.forward
+
     def check(self, module):
         return floating_weight(module)
 
@@ -117,6 +124,9 @@ class Conv1DKind(LinearKind):
         conv1d = transformers_conv1d()
         return conv1d is not None and isinstance(module, conv1d)
 
+    def merges(self, cls):
+        return cls.forward is transformers_conv1d().forward
+
     def shapes(self, module, rank):
         features_in, features_out = module.weight.shape
         return (rank, features_in), (features_out, rank)
@@ -139,6 +149,9 @@ class EmbeddingKind:
 
     def matches(self, module):
         return isinstance(module, nn.Embedding)
+
+    def merges(self, cls):
+        return cls.forward is nn.Embedding.forward
 
     def check(self, module):
         if module.max_norm is not None:
@@ -181,6 +194,9 @@ class ConvKind:
 
     def matches(self, module):
         return isinstance(module, self.module_type)
+
+    def merges(self, cls):
+        return cls.forward is self.module_type.forward
 
     def check(self, module):
         if module.groups != 1:

@@ -164,10 +164,20 @@ class LoRALayer(nn.Module):
         """
         if self.merged:
             return
+        self.check_mergeable("this layer")
         if not self.merge_is_finite():
             raise PeftliteError(f"merging this {type(self).__name__} gives NaN or Inf weights; nothing was changed. "
                                 "Check lora_A/lora_B for NaN/Inf or overflow in the weight's dtype.")
         self.commit_merge()
+
+    def check_mergeable(self, where: str) -> None:
+        """Raise unless adding the delta to the weight computes what the unmerged forward does."""
+        base = type(self).lora_base
+        if not self.lora_kind.merges(base):
+            raise PeftliteError(f"{where} is a {base.__name__}, a {self.lora_kind.name} subclass with its own forward, "
+                                f"so merging into its weight need not equal adding the low-rank term after that "
+                                "forward; nothing was changed. Keep it unmerged (its forward is exact), or "
+                                "peftlite.unload(model, merge=False).")
 
     def merge_is_finite(self) -> bool:
         """Whether :meth:`merge` would give a weight free of NaN and Inf (checks, changes nothing)."""

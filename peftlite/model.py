@@ -279,6 +279,8 @@ def merge(model: nn.Module) -> nn.Module:
                             "their own. Keep them, or remove them with peftlite.unload(model) (which drops what "
                             "they learned; save_adapter first).")
     pending = {name: layer for name, layer in require_lora(bare, "merge").items() if not layer.merged}
+    for name, layer in pending.items():
+        layer.check_mergeable(f"merge: layer '{name}'")
     check_unshared(bare, pending)
     for name, layer in pending.items():  # check only, so a bad layer changes nothing
         if not layer.merge_is_finite():
