@@ -252,6 +252,7 @@ class LoadPlan:
     name: str
     layers: dict[str, LayerPlan] = field(default_factory=dict)
     whole: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)  # key -> (model slot, value)
+    base: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)  # targets' own weights
     heads: set[str] = field(default_factory=set)
 
 
@@ -265,8 +266,28 @@ def plan_load(model: nn.Module, config: dict, tensors: dict, source: str, name: 
         plan.layers[path] = plan_layer(model, path, kind_key, a, b, config, protected, source, name)
     check_fan_in_fan_out(config, plan, source)
     check_complete(model, config, set(pairs), name, source)
+    whole, plan.base = base_layer_values(plan, whole, source)
     plan.whole = plan_saved_modules(model, heads, whole, source)
     return plan
+
+
+def base_layer_values(plan: LoadPlan, whole: dict, source: str) -> tuple[dict, dict]:
+    """PEFT's ``save_embedding_layers``: ``<target>.base_layer.weight`` holds a target's own weight (a resized
+    vocabulary's new rows, say); PEFT loads it into the base layer, and so does peftlite. Returns the other
+    keys and ``{key: (base parameter, value)}``."""
+    base, rest = {}, {}
+    for key, tensor in whole.items():
+        path, _, parameter = key.removeprefix(PREFIX).rpartition(".base_layer.")
+        layer = plan.layers.get(path)
+        if layer is None or parameter not in ("weight", "bias") or getattr(layer.module, parameter, None) is None:
+            rest[key] = tensor
+            continue
+        slot = getattr(layer.module, parameter)
+        if tuple(tensor.shape) != tuple(slot.shape) or not tensor.is_floating_point():
+            raise PeftliteError(f"{source}: '{key}' has shape {tuple(tensor.shape)} and dtype {tensor.dtype}; layer "
+                                f"'{path}' needs floating-point {tuple(slot.shape)}.")
+        base[key] = (slot, tensor)
+    return rest, base
 
 
 def split_keys(tensors: dict, source: str) -> tuple[dict, dict]:
@@ -397,7 +418,7 @@ def apply_load(plan: LoadPlan, model: nn.Module) -> None:
             layer.module.lora_A[plan.name].copy_(layer.lora_A)
             layer.module.lora_B[plan.name].copy_(layer.lora_B)
     with torch.no_grad():
-        for slot, value in plan.whole.values():
+        for slot, value in (*plan.whole.values(), *plan.base.values()):
             slot.copy_(value)
     for path in plan.heads:
         model.get_submodule(path).__dict__[TRAINED] = True
