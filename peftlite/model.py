@@ -12,7 +12,7 @@ import sys
 from torch import nn
 
 from .bottleneck import Adapter, Bottleneck, adapter_sizes, check_adapter_options
-from .errors import PeftliteError
+from .errors import PeftliteError, check_adapter_name
 from .fast_path import sync_fast_path_guards
 from .lora import LoRALayer, add_lora, check_lora_options, lora_layers, plan_lora, release
 from .prefix import PrefixEncoder
@@ -61,9 +61,10 @@ def inject(model: nn.Module, rank: int | None = None, *, method: str = "lora", t
     bases unless ``adapter_dtype`` says otherwise.
     ``method="adapter"``: wrap each target module in an :class:`Adapter` (options as its
     constructor: ``dim``, ``bottleneck``, ``reduction_factor``, ``activation``, ``mode``,
-    ``scaling``, ``dropout``, ``init``); ``targets`` is required.
-    ``method="prefix"``: prefix tuning (options ``prefix_len``, ``projection_dim``);
-    ``targets=None`` means every self-attention module.
+    ``scaling``, ``dropout``, ``init``, ``name``); ``targets`` is required.
+    ``method="prefix"``: prefix tuning (options ``prefix_len``, ``projection_dim``, ``name``);
+    ``targets=None`` means every self-attention module. Every method names its adapter (``name``,
+    default ``"default"``): it is one component of the adapter's state-dict keys.
 
     ``targets``/``exclude``: module names (exact or dotted suffix), a full-match regex, or a
     callable ``(name, module) -> bool`` (see ``peftlite.targets``). ``trainable``: names of
@@ -111,9 +112,11 @@ def inject_lora(model: nn.Module, rank: int = 8, *, alpha=None, targets=None, ex
 
 def inject_adapters(model: nn.Module, *, targets=None, exclude=None, dim=None, bottleneck=None,
                     reduction_factor: float = 16, activation: str = "relu", mode: str = "sequential", scaling=1.0,
-                    dropout: float = 0.0, init: str = "default", trained: set[str] = frozenset()) -> None:
+                    dropout: float = 0.0, init: str = "default", name: str = "default",
+                    trained: set[str] = frozenset()) -> None:
     options = dict(dim=dim, bottleneck=bottleneck, reduction_factor=reduction_factor, activation=activation,
                    mode=mode, scaling=scaling, dropout=dropout, init=init)
+    check_adapter_name(name)
     check_adapter_options(**options)
     if targets is None:
         raise PeftliteError("inject(method='adapter') needs targets: the modules whose output gets an adapter. "
@@ -123,29 +126,30 @@ def inject_adapters(model: nn.Module, *, targets=None, exclude=None, dim=None, b
     if not names:
         raise PeftliteError(no_target_message(targets, exclude, modules))
     internals, own = attention_internals(model), peftlite_internals(model)
-    for name in names:  # check all before wrapping any: wrapping adopts the module
-        module = model.get_submodule(name)
-        if name in internals:
-            raise PeftliteError(f"module '{name}' belongs to an nn.MultiheadAttention, which never calls it, so an "
+    for path in names:  # check all before wrapping any: wrapping adopts the module
+        module = model.get_submodule(path)
+        if path in internals:
+            raise PeftliteError(f"module '{path}' belongs to an nn.MultiheadAttention, which never calls it, so an "
                                 "adapter there would have no effect. Wrap the attention module itself instead.")
-        if name in own:
-            raise PeftliteError(f"module '{name}' belongs to a peftlite module; leave it out of targets.")
+        if path in own:
+            raise PeftliteError(f"module '{path}' belongs to a peftlite module; leave it out of targets.")
         try:
             adapter_sizes(module, dim, bottleneck, reduction_factor, mode)
         except PeftliteError as err:
-            raise PeftliteError(f"module '{name}': {err}") from None
-    wrap_each(model, names, lambda base: Adapter(base, **options))
+            raise PeftliteError(f"module '{path}': {err}") from None
+    wrap_each(model, names, lambda base: Adapter(base, **options, name=name))
 
 
 def inject_prefix(model: nn.Module, *, targets=None, exclude=None, prefix_len: int = 10,
-                  projection_dim: int | None = None, trained: set[str] = frozenset()) -> None:
+                  projection_dim: int | None = None, name: str = "default", trained: set[str] = frozenset()) -> None:
+    check_adapter_name(name)
     names, modules = select_modules(model, targets, exclude, default_attention)
     if not names:
         raise PeftliteError("found no attention module to give a prefix: expected nn.MultiheadAttention, Hugging "
                             "Face attention, or modules following peftlite.prefix.attention.PrefixAttention. "
                             + no_target_message(targets, exclude, modules))
     shape = prefix_attach.plan_prefix(model, names, prefix_len, projection_dim)
-    prefix_attach.install_prefix(model, names, shape, prefix_len, projection_dim)
+    prefix_attach.install_prefix(model, names, shape, prefix_len, projection_dim, name)
 
 
 def trained_heads(model: nn.Module, trainable) -> set[str]:

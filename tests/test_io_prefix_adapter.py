@@ -47,8 +47,8 @@ def test_peft_prefix_loads_in_peftlite_with_same_logits(tmp_path, name):
     peft_model = get_peft_model(BUILDERS[name](), PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=5))
     peft_model.eval().save_pretrained(tmp_path)
     model = peftlite.load_adapter(BUILDERS[name](), tmp_path)
-    assert model.prefix_encoder.prefix_len == 5
-    assert [n for n, p in model.named_parameters() if p.requires_grad] == ["prefix_encoder.prefix"]
+    assert model.prefix_encoder["default"].prefix_len == 5
+    assert [n for n, p in model.named_parameters() if p.requires_grad] == ["prefix_encoder.default.prefix"]
     with torch.no_grad():
         for batch in batches():
             torch.testing.assert_close(model(**batch).logits, peft_model(**batch).logits, rtol=0, atol=1e-5)
@@ -64,7 +64,7 @@ def test_prefix_round_trip_and_refill(tmp_path):
     fresh = peftlite.load_adapter(tiny_bert(), tmp_path)
     torch.testing.assert_close(fresh(input_ids=ids).logits, model(input_ids=ids).logits, rtol=0, atol=1e-6)
     with torch.no_grad():
-        fresh.prefix_encoder.prefix.zero_()
+        fresh.prefix_encoder["default"].prefix.zero_()
     peftlite.load_adapter(fresh, tmp_path)  # the same shape: new values, no second prefix
     torch.testing.assert_close(fresh(input_ids=ids).logits, model(input_ids=ids).logits, rtol=0, atol=1e-6)
 

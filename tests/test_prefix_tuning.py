@@ -42,7 +42,7 @@ def mha_reference(mha: nn.MultiheadAttention, x, prefix, key_padding_mask=None, 
 
 
 def mha_prefix(model):
-    keys, values = model.prefix_encoder(0).permute(0, 2, 1, 3).flatten(2).detach()
+    keys, values = model.prefix_encoder["default"](0).permute(0, 2, 1, 3).flatten(2).detach()
     return torch.stack([keys, values])
 
 
@@ -74,7 +74,7 @@ def test_encoder_fast_paths_do_not_skip_the_prefix():
     with torch.no_grad():
         base = encoder(x, src_key_padding_mask=padding)
     peftlite.inject(encoder, method="prefix", prefix_len=4)
-    assert len(encoder.prefix_encoder.targets) == 2
+    assert len(encoder.prefix_encoder["default"].targets) == 2
     with torch.no_grad():
         fast = encoder(x, src_key_padding_mask=padding)
     torch.backends.mha.set_fastpath_enabled(False)
@@ -143,10 +143,10 @@ def test_custom_protocol_module_matches_reference_and_stays_causal():
     torch.manual_seed(0)
     model = Tiny().double()
     peftlite.inject(model, method="prefix", prefix_len=5, projection_dim=7)
-    assert model.prefix_encoder(0).shape == (2, 2, 5, 4)  # key/value heads, not query heads
+    assert model.prefix_encoder["default"](0).shape == (2, 2, 5, 4)  # key/value heads, not query heads
     x = torch.randn(3, 6, 24, dtype=torch.float64)
     block = model.blocks[0]
-    torch.testing.assert_close(block(x), custom_reference(block, x, model.prefix_encoder(0).detach()))
+    torch.testing.assert_close(block(x), custom_reference(block, x, model.prefix_encoder["default"](0).detach()))
     out = model(x)
     later = x.clone()
     later[:, 4:] += torch.randn(3, 2, 24, dtype=torch.float64)
@@ -225,10 +225,11 @@ def test_sample_alone_equals_sample_in_padded_batch(build):
 
 def test_bert_padding_and_only_prefix_trains():
     assert [n for n, p in peftlite.inject(tiny_bert(), method="prefix", prefix_len=3).named_parameters()
-            if p.requires_grad] == ["classifier.weight", "classifier.bias", "prefix_encoder.prefix"]  # new head trains
+            if p.requires_grad] == ["classifier.weight", "classifier.bias",
+                                  "prefix_encoder.default.prefix"]  # the new head trains
     model = tiny_bert()
     peftlite.inject(model, method="prefix", prefix_len=3, trainable=[])
-    assert [n for n, p in model.named_parameters() if p.requires_grad] == ["prefix_encoder.prefix"]
+    assert [n for n, p in model.named_parameters() if p.requires_grad] == ["prefix_encoder.default.prefix"]
     torch.manual_seed(2)
     short = torch.randint(1, 64, (1, 5))
     padded = torch.cat([short, torch.zeros(1, 2, dtype=torch.long)], 1)
@@ -243,7 +244,7 @@ def llama_grads(model, ids, checkpointing=None):
         model.enable_input_require_grads()  # reentrant checkpointing needs an input that requires grad
     model.zero_grad()
     model(input_ids=ids, labels=ids).loss.backward()
-    return model.prefix_encoder.transform[0].weight.grad.clone(), model.prefix_encoder.embedding.grad.clone()
+    return model.prefix_encoder["default"].transform[0].weight.grad.clone(), model.prefix_encoder["default"].embedding.grad.clone()
 
 
 @pytest.mark.parametrize("reentrant", [True, False])
@@ -266,20 +267,20 @@ def test_custom_module_under_torch_checkpoint():
     peftlite.inject(model, method="prefix", prefix_len=3)
     x = torch.randn(2, 5, 24)
     model(x).sum().backward()
-    plain = model.prefix_encoder.prefix.grad.clone()
+    plain = model.prefix_encoder["default"].prefix.grad.clone()
     model.zero_grad()
     y = x
     for block in model.blocks:
         y = y + checkpoint(block, y, use_reentrant=False)
     y.sum().backward()
-    torch.testing.assert_close(model.prefix_encoder.prefix.grad, plain)
+    torch.testing.assert_close(model.prefix_encoder["default"].prefix.grad, plain)
 
 
 def test_no_stale_prefix_after_training_steps_and_mode_switches():
     model = tiny_llama()
     peftlite.inject(model, method="prefix", prefix_len=3, projection_dim=8)
     ids = torch.randint(0, 64, (2, 6))
-    optimizer = torch.optim.SGD(model.prefix_encoder.parameters(), lr=1.0)
+    optimizer = torch.optim.SGD(model.prefix_encoder["default"].parameters(), lr=1.0)
     model.eval()
     with torch.no_grad():
         first = model(input_ids=ids).logits
@@ -292,7 +293,7 @@ def test_no_stale_prefix_after_training_steps_and_mode_switches():
     assert not torch.allclose(first, second)  # the update shows at once, in eval and without grad
     fresh = tiny_llama()
     peftlite.inject(fresh, method="prefix", prefix_len=3, projection_dim=8)
-    fresh.prefix_encoder.load_state_dict(model.prefix_encoder.state_dict())
+    fresh.prefix_encoder["default"].load_state_dict(model.prefix_encoder["default"].state_dict())
     with torch.no_grad():
         torch.testing.assert_close(fresh(input_ids=ids).logits, second)
 
@@ -366,7 +367,7 @@ def test_deepcopy_gets_its_own_prefix_and_adapters():
     with torch.no_grad():
         torch.testing.assert_close(twin(input_ids=ids).logits, model(input_ids=ids).logits, rtol=0, atol=0)
         expected = model(input_ids=ids).logits
-        twin.prefix_encoder.prefix.zero_()
+        twin.prefix_encoder["default"].prefix.zero_()
         twin.model.layers[0].self_attn.o_proj.bottleneck.up.weight.fill_(1.0)
         assert not torch.allclose(twin(input_ids=ids).logits, expected)
         torch.testing.assert_close(model(input_ids=ids).logits, expected, rtol=0, atol=0)  # the original is its own
@@ -384,7 +385,7 @@ def test_interception_path_matches_the_registry_path_on_llama(monkeypatch):
     intercepted = tiny_llama()
     peftlite.inject(intercepted, method="prefix", prefix_len=3)
     assert intercepted.config._attn_implementation == "sdpa"
-    intercepted.prefix_encoder.load_state_dict(registry.prefix_encoder.state_dict())
+    intercepted.prefix_encoder["default"].load_state_dict(registry.prefix_encoder["default"].state_dict())
     for kwargs in ({}, {"attention_mask": mask}):
         expected = registry(input_ids=ids, **kwargs).logits
         torch.testing.assert_close(intercepted(input_ids=ids, **kwargs).logits, expected, rtol=1e-6, atol=1e-6)

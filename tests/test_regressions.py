@@ -88,7 +88,7 @@ def test_a_second_inject_never_adapts_peftlite_modules():
     peftlite.inject(model, rank=2)
     adapted = [n for n, m in model.named_modules() if isinstance(m, peftlite.LoRALayer)]
     assert adapted and not [n for n in adapted if "prefix_encoder" in n or ".adapter." in n]
-    assert all(p.requires_grad for p in model.prefix_encoder.parameters())
+    assert all(p.requires_grad for p in model.prefix_encoder["default"].parameters())
 
 
 def test_a_failing_load_changes_nothing_and_names_the_file(tmp_path):

@@ -1,4 +1,4 @@
-"""Prefix tuning over a whole model: one :class:`PrefixEncoder` at ``model.prefix_encoder`` feeding every
+"""Prefix tuning over a whole model: one :class:`PrefixEncoder` at ``model.prefix_encoder[name]`` feeding every
 target attention layer through hooks (see :mod:`peftlite.attention`).
 
 Hugging Face models also get real tokens moved after the prefix: their position ids are
@@ -20,8 +20,11 @@ SLOT = "prefix_encoder"
 
 
 def prefix_encoder(model: nn.Module) -> PrefixEncoder | None:
-    encoder = model._modules.get(SLOT)
-    return encoder if isinstance(encoder, PrefixEncoder) else None
+    """The model's prefix encoder, held by adapter name in ``model.prefix_encoder`` (an ``nn.ModuleDict``)."""
+    slot = model._modules.get(SLOT)
+    if not isinstance(slot, nn.ModuleDict):
+        return None
+    return next((encoder for encoder in slot.values() if isinstance(encoder, PrefixEncoder)), None)
 
 
 def plan_prefix(model: nn.Module, names: list[str], prefix_len: int, projection_dim) -> tuple[int, int]:
@@ -45,8 +48,8 @@ def plan_prefix(model: nn.Module, names: list[str], prefix_len: int, projection_
 
 
 def install_prefix(model: nn.Module, names: list[str], shape: tuple[int, int], prefix_len: int,
-                   projection_dim) -> PrefixEncoder:
-    """Mutate: add ``model.prefix_encoder`` and hook every target attention up to its layer."""
+                   projection_dim, adapter_name: str = "default") -> PrefixEncoder:
+    """Mutate: add ``model.prefix_encoder[adapter_name]`` and hook every target attention up to its layer."""
     modules, seen = [], set()
     for name in names:
         module = model.get_submodule(name)
@@ -66,7 +69,7 @@ def install_prefix(model: nn.Module, names: list[str], shape: tuple[int, int], p
     handles += bypass_check(model, [m for _, m in modules])
     encoder.__dict__["handles"] = handles
     encoder.__dict__["targets"] = [name for name, _ in modules]
-    setattr(model, SLOT, encoder)
+    setattr(model, SLOT, nn.ModuleDict({adapter_name: encoder}))  # state-dict keys prefix_encoder.<name>.*
     return encoder
 
 
