@@ -24,8 +24,8 @@ def device_name(device: str = "cpu") -> str:
 
 
 def metadata(device: str = "cpu", **extra) -> dict:
-    """What every result records: the device the run used (and a GPU's architecture, the key of peftlite's
-    dispatch table, ops/dispatch.py), threads, versions, commit and date, plus ``extra``."""
+    """What every result records: the device the run used (and a GPU's architecture), threads, versions, commit
+    and date, plus ``extra``."""
     try:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                                 check=True).stdout.strip()

@@ -21,10 +21,10 @@ step() {  # step NAME SECONDS COMMAND...: run with a time limit, keep its output
 }
 
 step gpu 5 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
-step gpu-tests-torch 80 python -m pytest tests/test_autograd.py tests/test_compile.py tests/test_dispatch.py -q
+step gpu-tests-torch 80 python -m pytest tests/test_autograd.py tests/test_compile.py tests/test_kinds.py -q
 step gpu-tests-triton 110 python -m pytest tests/test_triton.py -q  # first GPU compiles of every specialization
 layer="python benchmarks/bench_lora_layer.py --device cuda --dtype bfloat16 --rounds 30 --warmup 5 --inner 3"
-# The reference shape (issue targets), then two more shapes for the torch-vs-Triton dispatch table.
+# The reference shape (issue targets), then two more shapes: where do the Triton kernels beat cuBLAS?
 step layer-cuda 120 $layer --m 8192 --k 4096 --n 4096 --ranks 16 64 --dropouts 0 0.1 --decode 1 16 \
     --out "$out/layer-cuda.json"
 step layer-cuda-m1024 60 $layer --m 1024 --k 4096 --n 4096 --ranks 16 --dropouts 0 0.1 --decode 4 \
@@ -35,8 +35,6 @@ step dropout-cuda 20 python benchmarks/bench_dropout.py --device cuda --dtype bf
     --out "$out/dropout-cuda.json"  # the torch path's draw vs a dense Philox mask
 step model-cuda 115 python benchmarks/bench_model.py --device cuda --dtype bfloat16 --hidden 2048 --layers 8 \
     --heads 16 --vocab 32000 --batch 4 --seq 1024 --rounds 20 --out "$out/model-cuda.json"
-step dispatch 15 python benchmarks/dispatch_table.py "$out"/layer-cuda*.json --out "$out/dispatch.json"  # commit as
-# peftlite/ops/dispatch.json: the measured torch-vs-Triton table the CUDA default follows
 # Time left in the call goes to the CPU rule measured only at 1 and 2 threads here: the row-block weight
 # gradients (ops/skinny.py) on this machine's many cores.
 left=$((590 - SECONDS))
