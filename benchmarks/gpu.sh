@@ -35,10 +35,3 @@ step dropout-cuda 20 python benchmarks/bench_dropout.py --device cuda --dtype bf
     --out "$out/dropout-cuda.json"  # the torch path's draw vs a dense Philox mask
 step model-cuda 115 python benchmarks/bench_model.py --device cuda --dtype bfloat16 --hidden 2048 --layers 8 \
     --heads 16 --vocab 32000 --batch 4 --seq 1024 --rounds 20 --out "$out/model-cuda.json"
-# Time left in the call goes to the CPU rule measured only at 1 and 2 threads here: the row-block weight
-# gradients (ops/skinny.py) on this machine's many cores.
-left=$((590 - SECONDS))
-if [ "$left" -gt 30 ]; then
-    step skinny-many-cores "$left" python benchmarks/bench_skinny.py --threads 4 8 16 --m 2048 8192 --k 1024 4096 \
-        --ranks 16 64 --rounds 10 --out "$out/skinny-many-cores.json"
-fi

@@ -41,8 +41,8 @@ def test_forward_backward_match_reference(dtype, m, k, n, r, p, entry):
 
 @pytest.mark.parametrize("count, m", [(2, 1000), (3, 1000), (2, 2048)])
 @pytest.mark.parametrize("p", [0.0, 0.25])
-def test_weight_gradients_summed_over_row_blocks_match_reference(count, m, p):
-    with num_threads(count):  # dA, dB as sums over row blocks (skinny.py) on >= 2 threads
+def test_large_batches_on_several_threads_match_reference(count, m, p):
+    with num_threads(count):
         check_against_reference("function", torch.float32, m, 37, 29, 16, p)
 
 

@@ -17,7 +17,8 @@ TINY = {
                        "--rank", "2", "--prefix", "2", "--no-peak-rss"],
     "bench_merge.py": ["--cycles", "3", "--size", "16", "--rank", "2"],
     "bench_dropout.py": ["--shapes", "24x16"],
-    "bench_skinny.py": ["--m", "300", "--k", "32", "--ranks", "4"],
+    "bench_kinds.py": ["--hidden", "64", "--layers", "1", "--seq", "16", "--vocab", "64", "--width", "4", "--images", "2",
+                       "--rank", "2"],
 }
 
 

@@ -13,8 +13,6 @@ Against plain autograd over ``addmm`` calls:
   written; backward: dx's, before dx is written), so no extra [M, K] buffer is allocated;
 - dropout is a seed, not a mask: the dropped positions are drawn from it in forward and drawn
   again in backward (see ``dropout.py``), so nothing of size [M, K] is kept for it;
-- on CPU the adapters' weight gradients (``dA = dt^T h``, ``dB^T = t^T g``, contractions over the
-  batch rows) run as sums over row blocks that all threads share (``skinny.py``);
 - gradients nobody asked for are not computed (the frozen weight's, and ``dx`` when ``x``
   does not require grad).
 
@@ -29,7 +27,6 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from .dropout import draw_seed, drop_positions_padded, spare_slot
-from .skinny import transposed_product
 
 EMPTY = (0,)
 
@@ -70,7 +67,7 @@ def torch_backward(grad: Tensor, x: Optional[Tensor], weight: Optional[Tensor], 
     if need_a or need_x:
         dt = torch.mm(grad, lora_B).mul_(s)  # [M, r]
     if need_b:
-        d_b = transposed_product(t, grad).mul_(s).t().contiguous()  # [N, r], as (t^T g)^T: g read along its rows
+        d_b = torch.mm(t.t(), grad).mul_(s).t().contiguous()  # [N, r], as (t^T g)^T: g read along its rows
     if need_x or (need_a and drop is not None):  # one [M, K] buffer: first h (x with drops zeroed), then dx
         buffer, flat = spare_slot(grad.shape[0], lora_A.shape[1], grad)
     if need_a:
@@ -78,7 +75,7 @@ def torch_backward(grad: Tensor, x: Optional[Tensor], weight: Optional[Tensor], 
         if drop is not None:
             h = buffer.copy_(x)
             flat.index_fill_(0, drop, 0)
-        d_a = transposed_product(dt, h)  # [r, K]
+        d_a = torch.mm(dt.t(), h)  # [r, K]
     if need_x:  # low-rank term first, dropout mask on it, then the big GEMM accumulates
         dx = torch.mm(dt, lora_A, out=buffer)
         if drop is not None:
