@@ -51,11 +51,15 @@ class Kind(Protocol):
         """Draw the adapter's starting values in place, such that ``delta = B A = 0``."""
 
     def branch(self, module: nn.Module, x: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor) -> torch.Tensor:
-        """The low-rank term for input ``x`` in the module's output layout (scaling not applied)."""
+        """The low-rank term for input ``x`` in the module's output layout (the caller folds the scaling into B)."""
 
     def merges(self, cls: type) -> bool:
-        """Whether adding ``delta`` to the weight of a ``cls`` module gives what the unmerged forward computes:
-        true where ``cls`` runs the kind's own forward (a subclass that overrides it may do anything)."""
+        """Whether ``cls`` runs the kind's own forward (a subclass that overrides it may do anything). Where it
+        does, adding ``delta`` to the weight gives what the unmerged forward computes, and the output may be
+        updated in place (the kinds' forwards do not keep their output for backward)."""
+
+    def linear_weight(self, module: nn.Module) -> torch.Tensor | None:
+        """The weight as [out, in] where the kind's forward is ``x W^T + b`` (the fused path), else None."""
 
     def delta_rows(self, lora_A: torch.Tensor, lora_B: torch.Tensor, r0: int, r1: int) -> torch.Tensor:
         """Rows ``r0:r1`` of ``delta`` in the stored weight's layout (first axis), unscaled."""
@@ -93,6 +97,9 @@ class LinearKind:
     def merges(self, cls):
         return cls.forward is nn.Linear.forward
 
+    def linear_weight(self, module):
+        return module.weight
+
     def check(self, module):
         return floating_weight(module)
 
@@ -127,6 +134,9 @@ class Conv1DKind(LinearKind):
     def merges(self, cls):
         return cls.forward is transformers_conv1d().forward
 
+    def linear_weight(self, module):
+        return module.weight.t()  # [in, out] stored: its transpose is the [out, in] view
+
     def shapes(self, module, rank):
         features_in, features_out = module.weight.shape
         return (rank, features_in), (features_out, rank)
@@ -152,6 +162,9 @@ class EmbeddingKind:
 
     def merges(self, cls):
         return cls.forward is nn.Embedding.forward
+
+    def linear_weight(self, module):
+        return None
 
     def check(self, module):
         if module.max_norm is not None:
@@ -197,6 +210,9 @@ class ConvKind:
 
     def merges(self, cls):
         return cls.forward is self.module_type.forward
+
+    def linear_weight(self, module):
+        return None
 
     def check(self, module):
         if module.groups != 1:

@@ -92,29 +92,35 @@ class LoRALayer(nn.Module):
             self._refuse_training_while_merged()
             return super().forward(*args, **kwargs)
         names = list(self.lora_settings)
-        if type(self) is LoRALinear and len(names) == 1 and not kwargs and len(args) == 1:
-            return self._fused_linear(args[0], names[0])
+        own_forward = self.lora_kind.merges(type(self).lora_base)  # the kind's known forward
+        if own_forward and len(names) == 1 and len(args) == 1 and not kwargs:
+            weight = self.lora_kind.linear_weight(self)
+            if weight is not None:
+                return self._fused_linear(args[0], weight, names[0])
         out = super().forward(*args, **kwargs)
         x = args[0] if args else next(iter(kwargs.values()))
         for name in names:
-            out = out + self._lora_term(x, out.dtype, name)
+            term = self._lora_term(x, out.dtype, name)
+            out = out.add_(term) if own_forward else out + term  # a subclass's forward may keep its output
         return out
 
     def _lora_term(self, x: torch.Tensor, dtype: torch.dtype, name: str) -> torch.Tensor:
-        """``scaling * branch(dropout(x))`` in the base output's dtype (autocast's when it is on)."""
+        """``scaling * branch(dropout(x))`` in the base output's dtype (autocast's when it is on); the scaling
+        is folded into B, the smallest operand."""
         settings = self.lora_settings[name]
         if x.is_floating_point():
             x = x.to(dtype)
             if self.lora_kind.takes_dropout and settings.dropout and self.training:
                 x = F.dropout(x, settings.dropout, training=True)
-        term = self.lora_kind.branch(self, x, self.lora_A[name].to(dtype), self.lora_B[name].to(dtype))
-        return term * settings.scaling
+        lora_B = self.lora_B[name].to(dtype) * settings.scaling
+        return self.lora_kind.branch(self, x, self.lora_A[name].to(dtype), lora_B)
 
-    def _fused_linear(self, x: torch.Tensor, name: str) -> torch.Tensor:
-        """``F.linear(x, W, b)`` plus the low-rank term as one op; adapters cast to the compute dtype."""
+    def _fused_linear(self, x: torch.Tensor, weight: torch.Tensor, name: str) -> torch.Tensor:
+        """``x W^T + b`` plus the low-rank term as one op (``weight`` [out, in], possibly a transposed view);
+        adapters cast to the compute dtype."""
         settings = self.lora_settings[name]
         dropout = settings.dropout if self.training else 0.0
-        weight, bias, lora_A, lora_B = self.weight, self.bias, self.lora_A[name], self.lora_B[name]
+        bias, lora_A, lora_B = self.bias, self.lora_A[name], self.lora_B[name]
         device = x.device.type
         if torch.is_autocast_enabled(device):  # a custom Function is not autocast: cast as F.linear would
             dtype = torch.get_autocast_dtype(device)
