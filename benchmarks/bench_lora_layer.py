@@ -174,7 +174,8 @@ def main():
     parser.add_argument("--inner", type=int, default=1)
     common.add_run_options(parser, rounds=30, warmup=5)
     args = parser.parse_args()
-    common.run_and_report(args, run, COLUMNS, args.device, "lora_layer")
+    name = args.device if args.dtype == "float32" else f"{args.device}-{args.dtype}"
+    common.run_and_report(args, run, COLUMNS, name, "lora_layer")
 
 
 if __name__ == "__main__":

@@ -14,8 +14,9 @@ forward still runs: the low-rank term is added to what it returns. It gains two 
 ``<path>.lora_A.<name>`` and ``<path>.lora_B.<name>`` beside the unchanged base keys.
 :func:`release` gives the module its class back. Why a class swap and not hooks: ``docs/design.md``.
 
-For an exact ``nn.Linear`` with one adapter the forward is one fused op (``ops/autograd.py``): the
-low-rank term is accumulated into the base GEMM, and dropout is a seed, not a mask.
+Where the module runs its kind's own forward ``x W^T + b`` (``nn.Linear``, transformers' ``Conv1D``)
+and holds one adapter, the forward is one fused op (``ops/autograd.py``): the low-rank term is
+accumulated into the base GEMM, and dropout is a seed, not a mask.
 """
 
 import functools
@@ -27,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import PeftliteError, check_adapter_name, check_flag, check_positive_int, check_probability
-from .kinds import LINEAR, Kind, require_kind
+from .kinds import Kind, require_kind
 from .ops import exact_merge
 from .ops.backend import lora_linear
 

@@ -92,7 +92,8 @@ def protected_modules(model: nn.Module, trained: set[str] = frozenset()) -> dict
                 for name in peftlite_internals(model)})
     heads = inside(model, lambda name, m: name in trained)
     why.update({name: f"is inside '{head}', a trained head that is saved whole" for name, head in heads.items()})
-    why.update({name: "is a trained head, saved whole" for name in trained})
+    why.update({name: "is a trained head, saved whole (inject(..., trainable=[]) adapts it instead)"
+                for name in trained})
     return why
 
 
