@@ -227,8 +227,9 @@ class LoRALayer(nn.Module):
         return 0 if self.lora_merge is None else self.lora_merge.residual.nbytes()
 
     def _refuse_training_while_merged(self) -> None:
-        adapter_trains = any(p.requires_grad for p in (*self.lora_A.values(), *self.lora_B.values()))
-        if self.training and adapter_trains and torch.is_grad_enabled():
+        if not (self.training and torch.is_grad_enabled()):  # inference: nothing to check
+            return
+        if any(p.requires_grad for p in (*self.lora_A.values(), *self.lora_B.values())):
             raise PeftliteError(
                 "forward in training mode on a merged LoRA layer: the adapter would get no gradient. "
                 "Call peftlite.unmerge(model) before training, or model.eval() / torch.no_grad() for inference.")
