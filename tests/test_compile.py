@@ -80,3 +80,26 @@ def test_triton_backend_compiles_without_graph_breaks(monkeypatch):
     torch.testing.assert_close(out, expected)
     for name, grad in expected_grads.items():
         torch.testing.assert_close(dict(model.named_parameters())[name].grad, grad)
+
+
+def test_every_layer_kind_compiles_with_fullgraph():
+    """Compiled and eager agree to fp32 rounding of the reference's magnitude (inductor may pick another
+    convolution algorithm, so sums of ~1e3 differ in the last bits)."""
+    from tests.test_kinds import CASES, adapted, assert_close_dtype
+
+    for case in CASES:
+        host = adapted(case)
+        x = case.input(torch.float32)
+        if x.is_floating_point():
+            x.requires_grad_()
+        expected = host(x)
+        expected.square().sum().backward()
+        expected_grads = {n: p.grad.clone() for n, p in host.named_parameters() if p.grad is not None}
+        host.zero_grad()
+        out = torch.compile(host, fullgraph=True)(x)
+        out.square().sum().backward()
+        assert_close_dtype(out, expected.detach().double(), torch.float32)
+        assert expected_grads.keys() == {"layer.lora_A.default", "layer.lora_B.default"}, case.name
+        for name, grad in expected_grads.items():
+            assert_close_dtype(dict(host.named_parameters())[name].grad, grad.double(), torch.float32)
+        torch._dynamo.reset()
