@@ -179,3 +179,43 @@ def test_wrapped_models_save_load_and_merge_with_the_bare_keys(tmp_path, process
     peftlite.unmerge(fresh)
     plain = peftlite.unload(torch.compile(fresh))
     assert type(plain.model.layers[0].self_attn.q_proj) is nn.Linear
+
+
+def llama_classifier(seed: int = 0):
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, num_labels=3, pad_token_id=0)
+    return LlamaForSequenceClassification(config).eval()
+
+
+def test_a_prefix_on_a_classifier_saves_and_reloads_its_trained_head(tmp_path):
+    """Prefix tuning (and bottleneck adapters) on a task model train its new head too: it must be saved."""
+    model = peftlite.inject(llama_classifier(), method="prefix", prefix_len=3)
+    assert model.score.weight.requires_grad
+    with torch.no_grad():
+        model.score.weight.normal_()
+        model.prefix_encoder["default"].prefix.normal_()
+    ids = torch.randint(1, 64, (2, 7))
+    expected = model(input_ids=ids).logits
+    peftlite.save_adapter(model, tmp_path)
+    assert json.loads((tmp_path / "adapter_config.json").read_text())["modules_to_save"] == ["score"]
+    fresh = peftlite.load_adapter(llama_classifier(), tmp_path)
+    torch.testing.assert_close(fresh(input_ids=ids).logits, expected, rtol=0, atol=0)
+    assert fresh.score.weight.requires_grad
+    peft = pytest.importorskip("peft")  # PEFT writes a task head beside a prefix as base_model.<module>.<key>
+    theirs = peft.get_peft_model(tiny_bert(), peft.PrefixTuningConfig(num_virtual_tokens=3, task_type="SEQ_CLS"))
+    with torch.no_grad():
+        theirs.base_model.classifier.modules_to_save["default"].weight.normal_()
+    theirs.save_pretrained(tmp_path / "peft")
+    ours = peftlite.load_adapter(tiny_bert(), tmp_path / "peft")
+    assert torch.equal(ours.classifier.weight, theirs.base_model.classifier.modules_to_save["default"].weight)
+    adapter = peftlite.inject(tiny_bert(), method="adapter", targets=["attention.output.dense"])
+    with torch.no_grad():
+        adapter.classifier.weight.normal_()
+    peftlite.save_adapter(adapter, tmp_path / "bottleneck")
+    assert json.loads((tmp_path / "bottleneck" / "adapter_config.json").read_text())["modules_to_save"] == [
+        "classifier"]
+    reloaded = peftlite.load_adapter(tiny_bert(), tmp_path / "bottleneck")
+    assert torch.equal(reloaded.classifier.weight, adapter.classifier.weight)

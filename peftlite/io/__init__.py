@@ -17,13 +17,15 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import nn
 
-from . import bottleneck_format, lora_format, prefix_format
+from . import bottleneck_format, lora_format, prefix_format, saved_modules
 from ..errors import PeftliteError, check_adapter_name
 from ..fast_path import sync_fast_path_guards
 from ..model import adapter_modules, freeze_all_but_adapters, is_adapted, require_lora, unwrap
 from ..prefix import attach as prefix_attach
 from .safetensors_file import save_file
 
+KEY_PREFIX = {"LORA": "base_model.model.", bottleneck_format.PEFT_TYPE: "base_model.model.",  # as PEFT writes
+              "PREFIX_TUNING": "base_model."}  # the state of modules saved whole (saved_modules.py)
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 METHODS = ("lora", "adapter", "prefix")
@@ -59,6 +61,9 @@ def save_adapter(model: nn.Module, directory, method: str | None = None, name: s
         tensors, config = lora_payload(model, name)
     else:
         tensors, config = (bottleneck_format if method == "adapter" else prefix_format).payload(model)
+    whole = saved_modules.trained_modules(model)
+    tensors.update(saved_modules.tensors(whole, KEY_PREFIX[config["peft_type"]]))
+    config["modules_to_save"] = sorted(whole) or None
     directory = as_path(directory, "directory")
     directory.mkdir(parents=True, exist_ok=True)
     save_file(tensors, directory / WEIGHTS_NAME, metadata={"format": "pt"})
@@ -84,9 +89,7 @@ def lora_payload(model: nn.Module, name: str) -> tuple[dict, dict]:
         raise PeftliteError(f"save_adapter: no LoRA layer holds an adapter named {name!r}.")
     if "" in layers:
         raise PeftliteError("save_adapter needs a model that contains the LoRA layer, not the layer itself.")
-    whole = lora_format.trained_modules(model)
-    return ({**lora_format.adapter_tensors(layers, name), **lora_format.module_tensors(whole)},
-            lora_format.build_config(model, layers, name, whole))
+    return lora_format.adapter_tensors(layers, name), lora_format.build_config(model, layers, name)
 
 
 def load_adapter(model: nn.Module, directory, name: str = "default") -> nn.Module:
@@ -109,12 +112,17 @@ def load_adapter(model: nn.Module, directory, name: str = "default") -> nn.Modul
     tensors = read_weights(directory)
     source = str(directory / WEIGHTS_NAME)
     kind = config.get("peft_type")
-    if kind in ("PREFIX_TUNING", bottleneck_format.PEFT_TYPE):
-        (prefix_format if kind == "PREFIX_TUNING" else bottleneck_format).load(bare, config, tensors, source)
-    else:
-        lora_format.check_config(config, str(config_path))
-        plan = lora_format.plan_load(bare, config, tensors, source, name)
+    if kind not in ("PREFIX_TUNING", bottleneck_format.PEFT_TYPE):
+        lora_format.check_config(config, str(config_path))  # LORA's fields, or names an unsupported peft_type
+    heads = saved_modules.listed(bare, config, str(config_path))
+    whole, rest = saved_modules.split(tensors, heads, KEY_PREFIX[kind])
+    values = saved_modules.plan(bare, heads, whole, source, KEY_PREFIX[kind])
+    if kind == "LORA":
+        plan = lora_format.plan_load(bare, config, rest, source, name, heads)
         lora_format.apply_load(plan, bare)
+    else:  # these check the whole file before changing the model
+        (prefix_format if kind == "PREFIX_TUNING" else bottleneck_format).load(bare, config, rest, source)
+    saved_modules.apply(bare, values, heads)
     freeze_all_but_adapters(bare)
     sync_fast_path_guards(bare, is_adapted)
     return model

@@ -23,7 +23,6 @@ from torch import nn
 from ..errors import PeftliteError
 from ..kinds import CONV1D, KINDS, LINEAR_LIKE, kind_of
 from ..lora import LoRALayer, LoRASettings, add_lora, check_lora_options, lora_layers, plan_lora
-from ..model import TRAINED, adapter_parameters, marked_heads
 from ..targets import check_lora_target, name_matches, output_heads, protected_modules
 
 PREFIX = "base_model.model."
@@ -54,35 +53,7 @@ def adapter_tensors(layers: dict[str, LoRALayer], name: str) -> dict:
     return tensors
 
 
-def trained_modules(model: nn.Module) -> dict[str, nn.Module]:
-    """Modules saved whole, as PEFT's ``modules_to_save``: trained heads (``inject(trainable=...)``) and
-    leaf modules whose own parameters were made trainable by hand (an unfrozen norm)."""
-    heads = marked_heads(model)
-    found = {name: model.get_submodule(name) for name in heads}
-    adapter = adapter_parameters(model)
-    for name, module in model.named_modules():
-        if name in heads or any(name.startswith(head + ".") for head in heads):
-            continue
-        if not any(p.requires_grad and id(p) not in adapter for p in module.parameters(recurse=False)):
-            continue
-        if isinstance(module, LoRALayer):
-            raise PeftliteError(f"the base weight or bias of LoRA layer '{name}' is trainable; the PEFT format cannot "
-                                f"hold it. Freeze it (model.get_submodule('{name}').weight.requires_grad_(False)).")
-        if not name or any(next(child.parameters(), None) is not None for child in module.children()):
-            raise PeftliteError(f"module '{name or type(module).__name__}' has trainable parameters of its own and "
-                                "submodules with parameters; name it in inject(trainable=[...]) to save it whole, or "
-                                "freeze its own parameters.")
-        found[name] = module
-    return found
-
-
-def module_tensors(modules: dict[str, nn.Module]) -> dict:
-    """``base_model.model.<module>.<key>`` for every state-dict entry of the given whole modules."""
-    return {f"{PREFIX}{name}.{key}": tensor.detach().to("cpu").contiguous()
-            for name, module in modules.items() for key, tensor in module.state_dict().items()}
-
-
-def build_config(model: nn.Module, layers: dict[str, LoRALayer], name: str, saved_modules=()) -> dict:
+def build_config(model: nn.Module, layers: dict[str, LoRALayer], name: str) -> dict:
     """``adapter_config.json`` for adapter ``name`` of the model's LoRA layers, for PEFT's ``LoraConfig``."""
     settings = {path: layer.lora_settings[name] for path, layer in layers.items()}
     rslora = single_value("use_rslora", {n: s.rslora for n, s in settings.items()})
@@ -97,7 +68,7 @@ def build_config(model: nn.Module, layers: dict[str, LoRALayer], name: str, save
         "rank_pattern": rank_pattern, "alpha_pattern": alpha_pattern,
         "bias": "none", "fan_in_fan_out": any(layer.lora_kind is CONV1D for layer in layers.values()),
         "use_dora": False, "init_lora_weights": True,
-        "modules_to_save": sorted(saved_modules) or None, "exclude_modules": None,
+        "modules_to_save": None, "exclude_modules": None,
         "layers_to_transform": None, "layers_pattern": None, "inference_mode": True,
     }
 
@@ -251,23 +222,24 @@ class LayerPlan:
 class LoadPlan:
     name: str
     layers: dict[str, LayerPlan] = field(default_factory=dict)
-    whole: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)  # key -> (model slot, value)
     base: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)  # targets' own weights
-    heads: set[str] = field(default_factory=set)
 
 
-def plan_load(model: nn.Module, config: dict, tensors: dict, source: str, name: str) -> LoadPlan:
-    """Check the file's tensors against the model and the (already checked) config; change nothing."""
-    pairs, whole = split_keys(tensors, source)
-    heads = saved_heads(model, config, source)
+def plan_load(model: nn.Module, config: dict, tensors: dict, source: str, name: str, heads: set[str]) -> LoadPlan:
+    """Check the file's tensors (those of the ``modules_to_save`` heads taken out) against the model and the
+    (already checked) config; change nothing."""
+    pairs, others = split_keys(tensors, source)
     protected = protected_modules(model, heads)
-    plan = LoadPlan(name, heads=heads)
+    plan = LoadPlan(name)
     for path, (kind_key, a, b) in pairs.items():
         plan.layers[path] = plan_layer(model, path, kind_key, a, b, config, protected, source, name)
     check_fan_in_fan_out(config, plan, source)
     check_complete(model, config, set(pairs), name, source)
-    whole, plan.base = base_layer_values(plan, whole, source)
-    plan.whole = plan_saved_modules(model, heads, whole, source)
+    others, plan.base = base_layer_values(plan, others, source)
+    if others:
+        raise PeftliteError(f"{source}: unexpected key '{sorted(others)[0]}'; expected LoRA keys "
+                            "('base_model.model.<module>.lora_A.weight', ...) or the state of a module listed in "
+                            "modules_to_save.")
     return plan
 
 
@@ -379,35 +351,6 @@ def check_complete(model: nn.Module, config: dict, present: set[str], name: str,
                             f"config, or already holding adapter {name!r} in the model).")
 
 
-def saved_heads(model: nn.Module, config: dict, source: str) -> set[str]:
-    """The modules the config's ``modules_to_save`` names (exact or dotted suffix)."""
-    wanted = config.get("modules_to_save") or []
-    heads = {path for path, _ in model.named_modules() if path and any(name_matches(e, path) for e in wanted)}
-    for path in sorted(heads):
-        if any(isinstance(m, LoRALayer) for m in model.get_submodule(path).modules()):
-            raise PeftliteError(f"{source}: module '{path}' is listed in modules_to_save and holds LoRA; call "
-                                "peftlite.unload(model, merge=False) first.")
-    return {path for path in heads if not any(path.startswith(other + ".") for other in heads)}
-
-
-def plan_saved_modules(model: nn.Module, heads: set[str], whole: dict, source: str) -> dict:
-    """Non-LoRA keys must be exactly the state of the ``modules_to_save`` modules, in their shapes."""
-    slots = {f"{PREFIX}{path}.{key}": tensor for path in sorted(heads)
-             for key, tensor in model.get_submodule(path).state_dict(keep_vars=True).items()}
-    for key, tensor in whole.items():
-        if key not in slots:
-            raise PeftliteError(f"{source}: unexpected key '{key}'; expected LoRA keys "
-                                "('base_model.model.<module>.lora_A.weight', ...) or the state of a module listed in "
-                                "modules_to_save.")
-        if tuple(tensor.shape) != tuple(slots[key].shape):
-            raise PeftliteError(f"{source}: shape mismatch for '{key}': file has {tuple(tensor.shape)}, the model "
-                                f"{tuple(slots[key].shape)}.")
-    missing = sorted(set(slots) - set(whole))
-    if missing:
-        raise PeftliteError(f"{source}: missing key '{missing[0]}' (its module is in modules_to_save).")
-    return {key: (slots[key], tensor) for key, tensor in whole.items()}
-
-
 def apply_load(plan: LoadPlan, model: nn.Module) -> None:
     """Mutate: add the new adapters, set every layer's settings and values, fill the saved modules."""
     for layer in plan.layers.values():
@@ -418,8 +361,6 @@ def apply_load(plan: LoadPlan, model: nn.Module) -> None:
             layer.module.lora_A[plan.name].copy_(layer.lora_A)
             layer.module.lora_B[plan.name].copy_(layer.lora_B)
     with torch.no_grad():
-        for slot, value in (*plan.whole.values(), *plan.base.values()):
+        for slot, value in plan.base.values():
             slot.copy_(value)
-    for path in plan.heads:
-        model.get_submodule(path).__dict__[TRAINED] = True
 
