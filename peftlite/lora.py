@@ -216,11 +216,11 @@ class LoRALayer(nn.Module):
         return self._merge_key() == self.lora_merge.key
 
     def _merge_key(self) -> tuple:
-        """What must not change between merge and unmerge for the exact inverse to hold."""
-        adapters = [(t._version, t.dtype, t.device) for n in self.lora_settings
-                    for t in (self.lora_A[n], self.lora_B[n])]
-        return (self.weight._version, self.weight.dtype, self.weight.device, tuple(self.lora_settings.items()),
-                tuple(adapters))
+        """What must not change between merge and unmerge for the exact inverse to hold: the weight's and the
+        adapters' dtypes, devices and contents (checksums, so ``.data`` edits count too), and the settings."""
+        tensors = [self.weight] + [t for n in self.lora_settings for t in (self.lora_A[n], self.lora_B[n])]
+        return (tuple((t.dtype, t.device, tuple(t.shape), exact_merge.fingerprint(t)) for t in tensors),
+                tuple(self.lora_settings.items()))
 
     def merge_state_bytes(self) -> int:
         """Bytes held to make :meth:`unmerge` exact (0 while unmerged)."""

@@ -103,6 +103,24 @@ def merge_exact_(weight: torch.Tensor, delta_rows: DeltaRows) -> MergeResidual:
                          torch.cat(exc_bits) if exc_bits else torch.empty(0, dtype=bits))
 
 
+def fingerprint(tensor: torch.Tensor) -> tuple[int, int, int]:
+    """A checksum of the tensor's bits: the plain sum of its bit patterns (as integers), and the sums weighted by
+    row and by column number. Any edit of values changes it but for contrived ones; ``_version`` counters miss
+    ``.data`` edits and dtype round trips, this does not. One pass, in row blocks (no full-size temporary)."""
+    if tensor.dtype not in _BITS:
+        return (0, 0, 0)
+    flat = tensor.detach().reshape(tensor.shape[0] if tensor.ndim else 1, -1)
+    total = by_row = by_col = torch.zeros((), dtype=torch.int64, device=tensor.device)
+    columns = torch.arange(1, flat.shape[1] + 1, device=tensor.device)
+    for r0, r1 in row_blocks(flat):
+        bits = flat[r0:r1].view(_BITS[tensor.dtype]).to(torch.int64)  # sums wrap in int64: still a checksum
+        rows = bits.sum(1)
+        total = total + rows.sum()
+        by_row = by_row + (rows * torch.arange(r0 + 1, r1 + 1, device=tensor.device)).sum()
+        by_col = by_col + (bits.sum(0) * columns).sum()
+    return tuple(int(v) for v in torch.stack([total, by_row, by_col]).tolist())
+
+
 def unmerge_exact_(weight: torch.Tensor, delta_rows: DeltaRows, state: MergeResidual) -> None:
     """Overwrite merged ``weight`` with the weight :func:`merge_exact_` was given, bit for bit."""
     bits, wide = _BITS[weight.dtype], _WIDE[_BITS[weight.dtype]]
