@@ -8,31 +8,24 @@ Loading is strict: a missing or unexpected key, a shape that does not fit, an un
 or an unsupported config raises :class:`PeftliteError` and leaves the model unchanged.
 """
 
-import json
-import os
 from pathlib import Path
 
-import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file
 from torch import nn
 
 from . import bottleneck_format, lora_format, prefix_format, saved_modules
+from .directory import CONFIG_NAME, WEIGHTS_NAME, as_path, check_same_save, read_config, read_weights, write_adapter
 from ..errors import PeftliteError, check_adapter_name
 from ..fast_path import sync_fast_path_guards
 from ..model import adapter_modules, freeze_all_but_adapters, is_adapted, require_lora, unwrap
 from ..prefix import attach as prefix_attach
-from .safetensors_file import save_file
 
 KEY_PREFIX = {"LORA": "base_model.model.", bottleneck_format.PEFT_TYPE: "base_model.model.",  # as PEFT writes
               "PREFIX_TUNING": "base_model."}  # the state of modules saved whole (saved_modules.py)
-CONFIG_NAME = "adapter_config.json"
-WEIGHTS_NAME = "adapter_model.safetensors"
 METHODS = ("lora", "adapter", "prefix")
 
 
 def save_adapter(model: nn.Module, directory, method: str | None = None, name: str = "default") -> Path:
-    """Write the model's adapter weights and config to ``directory`` (created if needed); return it.
+    """Write the model's adapter weights and config to ``directory`` (created if needed), atomically; return it.
 
     Files: ``adapter_model.safetensors`` and ``adapter_config.json``. LoRA and prefix tuning are
     loadable by ``peft.PeftModel.from_pretrained(base_model, directory)`` and by
@@ -64,17 +57,9 @@ def save_adapter(model: nn.Module, directory, method: str | None = None, name: s
     whole = saved_modules.trained_modules(model)
     tensors.update(saved_modules.tensors(whole, KEY_PREFIX[config["peft_type"]]))
     config["modules_to_save"] = sorted(whole) or None
-    directory = as_path(directory, "directory")
-    directory.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, directory / WEIGHTS_NAME, metadata={"format": "pt"})
-    (directory / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    directory = as_path(directory)
+    write_adapter(directory, tensors, config)
     return directory
-
-
-def as_path(value, what: str) -> Path:
-    if not isinstance(value, (str, os.PathLike)):
-        raise PeftliteError(f"{what}={value!r}: expected a path (str or os.PathLike).")
-    return Path(value)
 
 
 def present_methods(model: nn.Module) -> list[str]:
@@ -106,10 +91,10 @@ def load_adapter(model: nn.Module, directory, name: str = "default") -> nn.Modul
     """
     bare = unwrap(model)
     check_adapter_name(name)
-    directory = as_path(directory, "directory")
+    directory = as_path(directory)
     config_path = directory / CONFIG_NAME
     config = read_config(config_path)
-    tensors = read_weights(directory)
+    tensors, metadata = read_weights(directory)
     source = str(directory / WEIGHTS_NAME)
     kind = config.get("peft_type")
     if kind not in ("PREFIX_TUNING", bottleneck_format.PEFT_TYPE):
@@ -119,37 +104,12 @@ def load_adapter(model: nn.Module, directory, name: str = "default") -> nn.Modul
     values = saved_modules.plan(bare, heads, whole, source, KEY_PREFIX[kind])
     if kind == "LORA":
         plan = lora_format.plan_load(bare, config, rest, source, name, heads)
+        check_same_save(directory, config, metadata)
         lora_format.apply_load(plan, bare)
     else:  # these check the whole file before changing the model
-        (prefix_format if kind == "PREFIX_TUNING" else bottleneck_format).load(bare, config, rest, source)
+        (prefix_format if kind == "PREFIX_TUNING" else bottleneck_format).load(
+            bare, config, rest, source, before_change=lambda: check_same_save(directory, config, metadata))
     saved_modules.apply(bare, values, heads)
     freeze_all_but_adapters(bare)
     sync_fast_path_guards(bare, is_adapted)
     return model
-
-
-def read_config(path: Path) -> dict:
-    if not path.is_file():
-        raise PeftliteError(f"{path}: no such file. Point load_adapter at a directory written by save_adapter "
-                            "or PEFT's save_pretrained.")
-    try:
-        config = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as err:
-        raise PeftliteError(f"{path}: not readable JSON ({err}).") from None
-    if not isinstance(config, dict):
-        raise PeftliteError(f"{path}: expected a JSON object, got {type(config).__name__}.")
-    return config
-
-
-def read_weights(directory: Path) -> dict[str, torch.Tensor]:
-    path = directory / WEIGHTS_NAME
-    if not path.is_file():
-        pickled = ""
-        if (directory / "adapter_model.bin").exists():
-            pickled = " adapter_model.bin is a pickle, which peftlite never loads."
-        raise PeftliteError(f"{path}: no such file.{pickled} Save the adapter with safetensors "
-                            "(PEFT: save_pretrained(..., safe_serialization=True)).")
-    try:
-        return load_file(str(path), device="cpu")
-    except (SafetensorError, OSError, ValueError, RuntimeError) as err:
-        raise PeftliteError(f"{path}: not a readable safetensors file ({err}).") from None

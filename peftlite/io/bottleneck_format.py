@@ -33,8 +33,9 @@ def payload(model: nn.Module) -> tuple[dict, dict]:
     return tensors, config
 
 
-def load(model: nn.Module, config: dict, tensors: dict, source) -> None:
-    """Check every module, key and shape, then wrap what needs wrapping and copy the values in."""
+def load(model: nn.Module, config: dict, tensors: dict, source, before_change=lambda: None) -> None:
+    """Check every module, key and shape, call ``before_change`` (the caller's last check), then wrap what needs
+    wrapping and copy the values in."""
     modules = config.get("modules")
     if not isinstance(modules, dict) or not modules:
         raise PeftliteError(f"{source}: 'modules' must map module names to adapter options.")
@@ -49,6 +50,7 @@ def load(model: nn.Module, config: dict, tensors: dict, source) -> None:
         if tuple(tensors[key].shape) != expected[key]:
             raise PeftliteError(f"shape mismatch for '{key}': file has {tuple(tensors[key].shape)}, the model and "
                                 f"config need {expected[key]}.")
+    before_change()
     replace(model, {name: Adapter(model.get_submodule(name), **opts) for name, (opts, _) in plans.items()
                     if not isinstance(model.get_submodule(name), Adapter)})
     with torch.no_grad():

@@ -42,8 +42,9 @@ def payload(model: nn.Module) -> tuple[dict, dict]:
     return {KEY: table}, config
 
 
-def load(model: nn.Module, config: dict, tensors: dict, source) -> None:
-    """Check the file against the model, then install (or refill) the prefix. Raises before changing anything."""
+def load(model: nn.Module, config: dict, tensors: dict, source, before_change=lambda: None) -> None:
+    """Check the file against the model, call ``before_change`` (the caller's last check), then install (or
+    refill) the prefix. Raises before changing anything."""
     extra = sorted(set(tensors) - {KEY})
     if KEY not in tensors or extra:
         raise PeftliteError(f"{source}: expected exactly one tensor '{KEY}' for prefix tuning, found "
@@ -67,12 +68,14 @@ def load(model: nn.Module, config: dict, tensors: dict, source) -> None:
         names = config.get("peftlite_targets") or default_attention(modules)
         shape = prefix_tuning.plan_prefix(model, names, prefix_len, None)
         check_shape(source, len(names), shape, layers, heads, width)
+        before_change()
         encoder = prefix_tuning.install_prefix(model, names, shape, prefix_len, None)
     else:
         check_shape(source, encoder.num_layers, (encoder.num_heads, encoder.head_dim), layers, heads, width)
         if encoder.prefix_len != prefix_len:
             raise PeftliteError(f"{source}: prefix_len {prefix_len}, the model's prefix has {encoder.prefix_len}. "
                                 "Call peftlite.unload(model) first to load a different prefix.")
+        before_change()
         encoder.eject()
     with torch.no_grad():
         encoder.prefix.copy_(table)
