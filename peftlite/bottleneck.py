@@ -17,6 +17,8 @@ Parameters: ``2 * dim * bottleneck + bottleneck + dim``, plus 1 (``scaling="lear
 ``dim`` (``scaling="channel"``).
 """
 
+import math
+
 import torch
 from torch import nn
 
@@ -36,7 +38,8 @@ def check_adapter_options(dim, bottleneck, reduction_factor, activation, mode, s
     for name, value in (("dim", dim), ("bottleneck", bottleneck)):
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
             raise PeftliteError(f"{name}={value!r}: expected an integer >= 1, or None to infer it.")
-    if isinstance(reduction_factor, bool) or not isinstance(reduction_factor, (int, float)) or reduction_factor <= 0:
+    if isinstance(reduction_factor, bool) or not isinstance(reduction_factor, (int, float)) \
+            or not math.isfinite(reduction_factor) or reduction_factor <= 0:
         raise PeftliteError(f"reduction_factor={reduction_factor!r}: expected a number > 0 (bottleneck = dim // "
                             "reduction_factor; Houlsby and Pfeiffer use 16).")
     if activation not in ACTIVATIONS:
@@ -45,6 +48,8 @@ def check_adapter_options(dim, bottleneck, reduction_factor, activation, mode, s
         raise PeftliteError(f"mode={mode!r}: expected 'sequential' (adapt the module's output) or 'parallel' "
                             "(add an adapter of the module's input to its output).")
     numeric = isinstance(scaling, (int, float)) and not isinstance(scaling, bool)
+    if numeric and not math.isfinite(scaling):
+        raise PeftliteError(f"scaling={scaling!r}: expected a finite number (or 'learned', 'channel').")
     if not numeric and scaling not in LEARNED_SCALINGS:
         raise PeftliteError(f"scaling={scaling!r}: expected a number, 'learned' (one trainable scalar) or 'channel' "
                             "(one trainable factor per feature).")

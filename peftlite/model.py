@@ -50,6 +50,14 @@ def compiled(model) -> bool:
     return eval_frame is not None and isinstance(model, eval_frame.OptimizedModule)
 
 
+def refuse_meta(model: nn.Module, action: str) -> None:
+    """Raise if the model holds parameters on the meta device: they hold no values to merge, save or fill."""
+    name = next((n for n, p in model.named_parameters() if p.is_meta), None)
+    if name is not None:
+        raise PeftliteError(f"{action}: parameter '{name}' is on the meta device, which holds no values. "
+                            "Materialize the model first (model.to_empty(device=...) and load its weights).")
+
+
 def inject(model: nn.Module, rank: int | None = None, *, method: str = "lora", targets=None, exclude=None,
            trainable=None, **options) -> nn.Module:
     """Add trainable adapters to ``model``, in place, and freeze everything else; return ``model``.
@@ -277,6 +285,7 @@ def merge(model: nn.Module) -> nn.Module:
     nothing but them raises.
     """
     bare = unwrap(model)
+    refuse_meta(bare, "merge")
     others = unmergeable(bare)
     if not lora_layers(bare) and others:
         raise PeftliteError(f"merge: the model's {others} cannot be merged into weights: they add computation of "

@@ -141,14 +141,31 @@ def spec_matcher(spec, what: str, modules: list) -> Callable[[str, nn.Module], b
         require_some(match, spec, what, modules)
         return match
     if callable(spec):
-        require_some(spec, spec, what, modules)
-        return spec
+        match = checked_callable(spec, what)
+        require_some(match, spec, what, modules)
+        return match
     if isinstance(spec, (list, tuple, set, frozenset)) and spec and all(isinstance(e, str) for e in spec):
         for entry in spec:
             require_some(lambda name, module, e=entry: name_matches(e, name), entry, what, modules)
         return lambda name, module: any(name_matches(e, name) for e in spec)
     raise PeftliteError(f"{what}={spec!r}: expected a non-empty list of module names, a regular expression string, "
                         "or a callable (name, module) -> bool.")
+
+
+def checked_callable(spec, what: str) -> Callable[[str, nn.Module], bool]:
+    """``spec`` called as ``(name, module)``; raising or returning anything but a bool is a PeftliteError
+    (a string such as "False" would read as true)."""
+    def match(name, module):
+        try:
+            result = spec(name, module)
+        except Exception as err:  # the user's code: report it with its input
+            raise PeftliteError(f"{what} callable {spec!r} raised {type(err).__name__}: {err} for module "
+                                f"'{name}'.") from err
+        if not isinstance(result, bool):
+            raise PeftliteError(f"{what} callable {spec!r} returned {result!r} for module '{name}'; expected "
+                                "True or False.")
+        return result
+    return match
 
 
 def require_some(match, shown, what: str, modules: list) -> None:

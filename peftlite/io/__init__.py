@@ -16,8 +16,15 @@ from . import bottleneck_format, lora_format, prefix_format, saved_modules
 from .directory import CONFIG_NAME, WEIGHTS_NAME, as_path, check_same_save, read_config, read_weights, write_adapter
 from ..errors import PeftliteError, check_adapter_name
 from ..fast_path import sync_fast_path_guards
-from ..model import adapter_modules, freeze_all_but_adapters, is_adapted, require_lora, unwrap
+from ..model import adapter_modules, freeze_all_but_adapters, is_adapted, refuse_meta, require_lora, unwrap
 from ..prefix import attach as prefix_attach
+
+def check_finite(tensors: dict, source: str) -> None:
+    """Every floating-point value in the file must be finite: NaN or Inf would load as a broken adapter."""
+    for key, tensor in tensors.items():
+        if tensor.is_floating_point() and not bool(tensor.isfinite().all()):
+            raise PeftliteError(f"{source}: '{key}' holds NaN or Inf values; the adapter is corrupt or diverged.")
+
 
 KEY_PREFIX = {"LORA": "base_model.model.", bottleneck_format.PEFT_TYPE: "base_model.model.",  # as PEFT writes
               "PREFIX_TUNING": "base_model."}  # the state of modules saved whole (saved_modules.py)
@@ -39,6 +46,7 @@ def save_adapter(model: nn.Module, directory, method: str | None = None, name: s
     """
     model = unwrap(model)
     check_adapter_name(name)
+    refuse_meta(model, "save_adapter")
     present = present_methods(model)
     if not present:
         require_lora(model, "save_adapter")
@@ -91,11 +99,13 @@ def load_adapter(model: nn.Module, directory, name: str = "default") -> nn.Modul
     """
     bare = unwrap(model)
     check_adapter_name(name)
+    refuse_meta(bare, "load_adapter")
     directory = as_path(directory)
     config_path = directory / CONFIG_NAME
     config = read_config(config_path)
     tensors, metadata = read_weights(directory)
     source = str(directory / WEIGHTS_NAME)
+    check_finite(tensors, source)
     kind = config.get("peft_type")
     if kind not in ("PREFIX_TUNING", bottleneck_format.PEFT_TYPE):
         lora_format.check_config(config, str(config_path))  # LORA's fields, or names an unsupported peft_type

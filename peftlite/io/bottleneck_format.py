@@ -39,6 +39,9 @@ def load(model: nn.Module, config: dict, tensors: dict, source, before_change=la
     modules = config.get("modules")
     if not isinstance(modules, dict) or not modules:
         raise PeftliteError(f"{source}: 'modules' must map module names to adapter options.")
+    if "" in modules:
+        raise PeftliteError(f"{source}: 'modules' names the root module (''); a bottleneck adapter wraps a "
+                            "submodule of the model.")
     plans = {name: plan(model, name, opts, source) for name, opts in modules.items()}
     expected = {f"{PREFIX}{name}.adapter.{key}": shape for name, (_, shapes) in plans.items()
                 for key, shape in shapes.items()}
@@ -47,6 +50,8 @@ def load(model: nn.Module, config: dict, tensors: dict, source, before_change=la
             raise PeftliteError(f"{source}: unexpected key '{key}' (not the state of an adapter in the config).")
         if key not in tensors:
             raise PeftliteError(f"{source}: missing key '{key}'.")
+        if not tensors[key].is_floating_point():
+            raise PeftliteError(f"{source}: '{key}' has dtype {tensors[key].dtype}; expected floating-point values.")
         if tuple(tensors[key].shape) != expected[key]:
             raise PeftliteError(f"shape mismatch for '{key}': file has {tuple(tensors[key].shape)}, the model and "
                                 f"config need {expected[key]}.")

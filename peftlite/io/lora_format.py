@@ -233,6 +233,7 @@ def plan_load(model: nn.Module, config: dict, tensors: dict, source: str, name: 
     plan = LoadPlan(name)
     for path, (kind_key, a, b) in pairs.items():
         plan.layers[path] = plan_layer(model, path, kind_key, a, b, config, protected, source, name)
+    drop_aliases(plan, source)
     check_fan_in_fan_out(config, plan, source)
     check_complete(model, config, set(pairs), name, source)
     others, plan.base = base_layer_values(plan, others, source)
@@ -327,6 +328,22 @@ def plan_layer(model: nn.Module, path: str, kind_key: str, a: torch.Tensor, b: t
     except PeftliteError as err:
         raise PeftliteError(f"{source}: {err}") from None
     return LayerPlan(module, settings, a, b, add)
+
+
+def drop_aliases(plan: LoadPlan, source: str) -> None:
+    """A module reachable under two paths (shared) gets one adapter: the file must give both paths the same one."""
+    first: dict[int, str] = {}
+    for path in list(plan.layers):
+        layer = plan.layers[path]
+        other = first.setdefault(id(layer.module), path)
+        if other == path:
+            continue
+        kept = plan.layers[other]
+        if kept.settings != layer.settings or not (torch.equal(kept.lora_A, layer.lora_A)
+                                                   and torch.equal(kept.lora_B, layer.lora_B)):
+            raise PeftliteError(f"{source}: layers '{other}' and '{path}' are one module (shared), but the file gives "
+                                "them different LoRA values or settings; one module holds one adapter.")
+        del plan.layers[path]
 
 
 def check_fan_in_fan_out(config: dict, plan: LoadPlan, source: str) -> None:
