@@ -22,7 +22,7 @@ import math
 import torch
 from torch import nn
 
-from .errors import PeftliteError, check_adapter_name
+from .errors import PeftliteError, check_adapter_name, check_positive_int
 
 ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU, "swish": nn.SiLU, "tanh": nn.Tanh,
                "identity": nn.Identity}
@@ -36,8 +36,8 @@ SLOT = "adapter"  # the child that holds the bottleneck; the only name the wrapp
 def check_adapter_options(dim, bottleneck, reduction_factor, activation, mode, scaling, dropout, init) -> None:
     """Raise :class:`PeftliteError` unless the options describe a usable adapter."""
     for name, value in (("dim", dim), ("bottleneck", bottleneck)):
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-            raise PeftliteError(f"{name}={value!r}: expected an integer >= 1, or None to infer it.")
+        if value is not None:
+            check_positive_int(name, value, "or None to infer it")
     if isinstance(reduction_factor, bool) or not isinstance(reduction_factor, (int, float)) \
             or not math.isfinite(reduction_factor) or reduction_factor <= 0:
         raise PeftliteError(f"reduction_factor={reduction_factor!r}: expected a number > 0 (bottleneck = dim // "

@@ -14,10 +14,13 @@ class PeftliteError(ValueError):
     """
 
 
-def check_positive_int(name: str, value, hint: str = "") -> None:
-    """Raise unless ``value`` is an int >= 1 (a bool is not an int here)."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise PeftliteError(f"{name}={value!r}: expected an integer >= 1{f' ({hint})' if hint else ''}.")
+MAX_SIZE = 2**16  # ranks, prefix lengths, bottlenecks: far beyond any use, and checked before any allocation
+
+
+def check_positive_int(name: str, value, hint: str = "", most: int = MAX_SIZE) -> None:
+    """Raise unless ``value`` is an int in [1, most] (a bool is not an int here)."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= most:
+        raise PeftliteError(f"{name}={value!r}: expected an integer from 1 to {most}{f' ({hint})' if hint else ''}.")
 
 
 def check_probability(name: str, value) -> None:

@@ -15,19 +15,16 @@ laid out per position as (layer, key|value, head, head_dim): the layout of PEFT'
 import torch
 from torch import nn
 
-from ..errors import PeftliteError
+from ..errors import PeftliteError, check_positive_int
 
 
 def check_prefix_options(num_layers, num_heads, head_dim, prefix_len, projection_dim) -> None:
-    for name, value in (("num_layers", num_layers), ("num_heads", num_heads), ("head_dim", head_dim),
-                        ("prefix_len", prefix_len)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise PeftliteError(f"{name}={value!r}: expected an integer >= 1"
-                                + (" (Li & Liang use 10 to 200 prefix positions)." if name == "prefix_len" else "."))
-    if projection_dim is not None and (isinstance(projection_dim, bool) or not isinstance(projection_dim, int)
-                                       or projection_dim < 1):
-        raise PeftliteError(f"projection_dim={projection_dim!r}: expected an integer >= 1 (the reparameterization "
-                            "MLP's hidden size, e.g. 512), or None for a plain table.")
+    for name, value in (("num_layers", num_layers), ("num_heads", num_heads), ("head_dim", head_dim)):
+        check_positive_int(name, value)
+    check_positive_int("prefix_len", prefix_len, "Li & Liang use 10 to 200 prefix positions")
+    if projection_dim is not None:
+        check_positive_int("projection_dim", projection_dim, "the reparameterization MLP's hidden size, e.g. 512; "
+                           "or None for a plain table")
 
 
 class PrefixEncoder(nn.Module):
