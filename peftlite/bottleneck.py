@@ -42,7 +42,7 @@ def check_adapter_options(dim, bottleneck, reduction_factor, activation, mode, s
             or not math.isfinite(reduction_factor) or reduction_factor <= 0:
         raise PeftliteError(f"reduction_factor={reduction_factor!r}: expected a number > 0 (bottleneck = dim // "
                             "reduction_factor; Houlsby and Pfeiffer use 16).")
-    if activation not in ACTIVATIONS:
+    if not isinstance(activation, str) or activation not in ACTIVATIONS:
         raise PeftliteError(f"activation={activation!r}: expected one of {', '.join(map(repr, ACTIVATIONS))}.")
     if mode not in MODES:
         raise PeftliteError(f"mode={mode!r}: expected 'sequential' (adapt the module's output) or 'parallel' "

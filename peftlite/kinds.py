@@ -74,12 +74,18 @@ def draw_linear_init(lora_A: torch.Tensor, lora_B: torch.Tensor, init: str, rank
     lora_B.zero_()
 
 
+WEIGHT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+
+
 def floating_weight(module: nn.Module) -> str | None:
     weight = getattr(module, "weight", None)
     if not isinstance(weight, torch.Tensor):
         return f"it has no weight tensor ({type(module).__name__}.weight is {type(weight).__name__})"
     if not weight.is_floating_point():
         return f"its weight has dtype {weight.dtype}; LoRA needs a floating-point weight"
+    if weight.dtype not in WEIGHT_DTYPES:
+        return (f"its weight has dtype {weight.dtype}; LoRA supports float32, float64, float16 and bfloat16 weights "
+                "(dequantize the layer first)")
     return None
 
 

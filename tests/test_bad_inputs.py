@@ -131,6 +131,10 @@ CALLS = {
     "embedding max_norm": (lambda: nn.Sequential(nn.Embedding(5, 3, max_norm=1.0)), lora(targets=["0"]),
                            "max_norm=1.0"),
     "int weight": (lambda: nn.Sequential(int_linear()), lora(targets=["0"]), "weight has dtype torch.int32; LoRA needs a floating-point weight"),
+    "float8 weight": (lambda: nn.Sequential(float8_linear()), lora(targets=["0"]),
+                      "dtype torch.float8_e4m3fn; LoRA supports float32, float64, float16 and bfloat16"),
+    "complex weight": (lambda: nn.Sequential(nn.Linear(3, 3, dtype=torch.complex64)), lora(targets=["0"]),
+                       "dtype torch.complex64; LoRA needs a floating-point weight"),
     "conv transpose": (lambda: nn.Sequential(nn.ConvTranspose2d(3, 3, 2)), lora(targets=["0"]),
                        "ConvTranspose2d, which LoRA does not support"),
     # inject, bottleneck adapters
@@ -148,6 +152,8 @@ CALLS = {
     "adapter reduction too big": (mlp, adapter(reduction_factor=1000), "reduction_factor 1000 is 0"),
     "adapter activation": (mlp, adapter(activation="softmax"), "activation='softmax'"),
     "adapter activation number": (mlp, adapter(activation=1), "activation=1"),
+    "adapter activation unhashable": (mlp, adapter(activation=["relu"]), "activation=\\['relu'\\]"),
+    "adapter mode unhashable": (mlp, adapter(mode={"a": 1}), "mode=\\{'a': 1\\}"),
     "adapter mode": (mlp, adapter(mode="serial"), "mode='serial'"),
     "adapter parallel mismatch": (mlp, adapter(mode="parallel"), "parallel adapter adds a function of the input"),
     "adapter scaling nan": (mlp, adapter(scaling=math.nan), "scaling=nan"),
@@ -251,6 +257,12 @@ CALLS = {
 def int_linear():
     layer = nn.Linear(3, 3)
     layer.weight = nn.Parameter(torch.ones(3, 3, dtype=torch.int32), requires_grad=False)
+    return layer
+
+
+def float8_linear():
+    layer = nn.Linear(4, 4)
+    layer.weight = nn.Parameter(layer.weight.detach().to(torch.float8_e4m3fn), requires_grad=False)
     return layer
 
 
