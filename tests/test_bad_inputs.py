@@ -102,6 +102,8 @@ CALLS = {
     "targets callable returns 1": (mlp, lora(targets=lambda n, m: 1), "returned 1"),
     "targets callable none": (mlp, lora(targets=lambda n, m: False), "targets entry <function .* matched no"),
     "targets a norm": (mlp, lora(targets=["norm"]), "'norm' is a LayerNorm, which LoRA does not support"),
+    "targets a good layer then a norm": (mlp, lora(targets=["fc1", "norm"]), "'norm' is a LayerNorm"),
+    "targets good layers then a bad rank pattern": (mlp, lora(targets=["fc1", "fc2"], rank=0), "rank=0"),
     "targets a container": (tiny_llama, lora(targets=["mlp"]), "LlamaMLP, which LoRA does not support"),
     "targets mha out_proj": (attention, lora(targets=["out_proj"]), "belongs to an nn.MultiheadAttention"),
     "targets mha itself": (attention, lora(targets=["self_attn"]), "MultiheadAttention, which LoRA does not"),

@@ -219,3 +219,34 @@ def test_a_prefix_on_a_classifier_saves_and_reloads_its_trained_head(tmp_path):
         "classifier"]
     reloaded = peftlite.load_adapter(tiny_bert(), tmp_path / "bottleneck")
     assert torch.equal(reloaded.classifier.weight, adapter.classifier.weight)
+
+
+def test_an_attribute_set_on_a_layer_cannot_make_saving_and_computing_disagree(tmp_path):
+    """`layer.alpha = 32` once changed what save_adapter wrote but not what the layer computed."""
+    torch.manual_seed(0)
+    model = peftlite.inject(nn.Sequential(nn.Linear(6, 6)), rank=2, alpha=4, targets=["0"])
+    nonzero_b(model)
+    model[0].alpha = 32  # a stray attribute now: the settings live in lora_settings, read by forward and save
+    x = torch.randn(3, 6)
+    peftlite.save_adapter(model, tmp_path)
+    assert json.loads((tmp_path / "adapter_config.json").read_text())["lora_alpha"] == 4
+    torch.manual_seed(0)
+    fresh = peftlite.load_adapter(nn.Sequential(nn.Linear(6, 6)), tmp_path)
+    torch.testing.assert_close(fresh(x), model(x), rtol=0, atol=0)
+
+
+def test_a_file_giving_one_shared_module_two_adapters_is_refused(tmp_path):
+    shared = nn.Linear(4, 4)
+    model = nn.ModuleDict({"a": shared, "b": shared})
+    key = "base_model.model.{}.lora_{}.weight"
+    values = {key.format(path, part): torch.randn(2, 4) if part == "A" else torch.randn(4, 2)
+              for path in "ab" for part in "AB"}
+    save_file(values, tmp_path / "adapter_model.safetensors")
+    (tmp_path / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 2, "lora_alpha": 2}))
+    assert_load_refused(model, tmp_path, "layers '[ab]' and '[ab]' are one module .shared., but the file gives "
+                                         "them different LoRA values")
+    same = {k: v for k, v in values.items() if ".a." in k}
+    same.update({k.replace(".a.", ".b."): v.clone() for k, v in same.items()})
+    save_file(same, tmp_path / "adapter_model.safetensors")
+    peftlite.load_adapter(model, tmp_path)  # the same adapter under both paths: fine, one adapter
+    assert torch.equal(model["a"].lora_A["default"], same["base_model.model.a.lora_A.weight"])
