@@ -206,6 +206,10 @@ class LoRALayer(nn.Module):
                 "the weight or an adapter was modified, or the layer was moved to another dtype or device, while "
                 "it was merged, so unmerge() can no longer recover the original weight exactly. Reload the base "
                 "weights (and the adapter) instead; to change or move an adapter, unmerge first.")
+        self.commit_unmerge()
+
+    def commit_unmerge(self) -> None:
+        """Unmerge without the check; ``unmerge(model)`` checks every layer first, then commits."""
         with torch.no_grad():
             exact_merge.unmerge_exact_(self.weight.detach(), self._delta_rows(self.lora_merge.names),
                                        self.lora_merge.residual)

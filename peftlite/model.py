@@ -316,7 +316,8 @@ def unmerge(model: nn.Module) -> nn.Module:
                                 "its weight cannot be restored exactly; no layer was changed. Unmerge before "
                                 "changing them.")
     for layer in layers.values():
-        layer.unmerge()
+        if layer.merged:
+            layer.commit_unmerge()
     return model
 
 

@@ -113,11 +113,11 @@ def fingerprint(tensor: torch.Tensor) -> tuple[int, int, int]:
     total = by_row = by_col = torch.zeros((), dtype=torch.int64, device=tensor.device)
     columns = torch.arange(1, flat.shape[1] + 1, device=tensor.device)
     for r0, r1 in row_blocks(flat):
-        bits = flat[r0:r1].view(_BITS[tensor.dtype]).to(torch.int64)  # sums wrap in int64: still a checksum
-        rows = bits.sum(1)
+        bits = flat[r0:r1].view(_BITS[tensor.dtype])
+        rows = bits.sum(1, dtype=torch.int64)  # sums wrap in int64: still a checksum
         total = total + rows.sum()
         by_row = by_row + (rows * torch.arange(r0 + 1, r1 + 1, device=tensor.device)).sum()
-        by_col = by_col + (bits.sum(0) * columns).sum()
+        by_col = by_col + (bits.sum(0, dtype=torch.int64) * columns).sum()
     return tuple(int(v) for v in torch.stack([total, by_row, by_col]).tolist())
 
 
