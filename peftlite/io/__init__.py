@@ -1,7 +1,9 @@
 """save_adapter / load_adapter: adapters in the Hugging Face PEFT format (safetensors + JSON).
 
 LoRA (``peft_type: LORA``) and prefix tuning (``PREFIX_TUNING``) are read and written as PEFT
-does; bottleneck adapters, which PEFT lacks, as ``BOTTLENECK_ADAPTER`` (see ``adapter_format``).
+does; bottleneck adapters, which PEFT lacks, as ``BOTTLENECK_ADAPTER`` (``bottleneck_format.py``).
+The files themselves (atomic writes, strict reads) are ``directory.py``'s; modules saved whole beside
+any method, ``saved_modules.py``'s.
 
 Nothing here unpickles: weights are read with safetensors and the config with ``json``.
 Loading is strict: a missing or unexpected key, a shape that does not fit, an unreadable file

@@ -286,6 +286,7 @@ def split_keys(tensors: dict, source: str) -> tuple[dict, dict]:
         pairs[module] = (kind_keys[0], found[kind_keys[0]], found[kind_keys[1]])
     if not pairs:
         raise PeftliteError(f"{source}: holds no LoRA weights.")
+    pairs = dict(sorted(pairs.items()))  # file order is not defined: errors name layers in a stable order
     return pairs, others
 
 

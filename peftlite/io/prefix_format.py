@@ -8,7 +8,7 @@ P, ``num_layers`` L, ``num_attention_heads`` H (key/value heads), ``token_dim`` 
 import torch
 from torch import nn
 
-from ..prefix import attach as prefix_tuning
+from ..prefix import attach
 from ..prefix.attention import default_attention
 from ..errors import PeftliteError
 
@@ -26,7 +26,7 @@ def task_type(model: nn.Module) -> str | None:
 
 def payload(model: nn.Module) -> tuple[dict, dict]:
     """``(tensors, config)`` describing the model's prefix."""
-    encoder = prefix_tuning.prefix_encoder(model)
+    encoder = attach.prefix_encoder(model)
     table = encoder.flat().detach().to("cpu").contiguous()
     width = encoder.num_heads * encoder.head_dim
     config = {
@@ -62,14 +62,14 @@ def load(model: nn.Module, config: dict, tensors: dict, source, before_change=la
     if tuple(table.shape) != expected or not table.is_floating_point():
         raise PeftliteError(f"{source}: '{KEY}' has shape {tuple(table.shape)} and dtype {table.dtype}, the config "
                             f"needs floating-point {expected}.")
-    encoder = prefix_tuning.prefix_encoder(model)
+    encoder = attach.prefix_encoder(model)
     if encoder is None:
         modules = [(n, m) for n, m in model.named_modules() if n]
         names = config.get("peftlite_targets") or default_attention(modules)
-        shape = prefix_tuning.plan_prefix(model, names, prefix_len, None)
+        shape = attach.plan_prefix(model, names, prefix_len, None)
         check_shape(source, len(names), shape, layers, heads, width)
         before_change()
-        encoder = prefix_tuning.install_prefix(model, names, shape, prefix_len, None)
+        encoder = attach.install_prefix(model, names, shape, prefix_len, None)
     else:
         check_shape(source, encoder.num_layers, (encoder.num_heads, encoder.head_dim), layers, heads, width)
         if encoder.prefix_len != prefix_len:
