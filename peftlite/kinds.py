@@ -27,6 +27,7 @@ import einops
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.utils import parametrize
 
 from .errors import PeftliteError
 
@@ -78,6 +79,10 @@ WEIGHT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
 
 def floating_weight(module: nn.Module) -> str | None:
+    """Why the module's weight cannot take LoRA, or None."""
+    if parametrize.is_parametrized(module):
+        return ("its weights are computed by torch.nn.utils.parametrize, so merging could not write them; remove "
+                "the parametrization first (parametrize.remove_parametrizations)")
     weight = getattr(module, "weight", None)
     if not isinstance(weight, torch.Tensor):
         return f"it has no weight tensor ({type(module).__name__}.weight is {type(weight).__name__})"

@@ -137,6 +137,8 @@ CALLS = {
                       "dtype torch.float8_e4m3fn; LoRA supports float32, float64, float16 and bfloat16"),
     "complex weight": (lambda: nn.Sequential(nn.Linear(3, 3, dtype=torch.complex64)), lora(targets=["0"]),
                        "dtype torch.complex64; LoRA needs a floating-point weight"),
+    "parametrized": (lambda: nn.Sequential(nn.utils.parametrizations.weight_norm(nn.Linear(3, 3))),
+                     lora(targets=["0"]), "computed by torch.nn.utils.parametrize"),
     "conv transpose": (lambda: nn.Sequential(nn.ConvTranspose2d(3, 3, 2)), lora(targets=["0"]),
                        "ConvTranspose2d, which LoRA does not support"),
     # inject, bottleneck adapters
