@@ -81,6 +81,7 @@ def test_peft_adapters_load_in_peftlite_with_equal_outputs(which, tmp_path):
                                                           fan_in_fan_out=which == "gpt2"))
     randomize(theirs)
     expected = outputs(theirs.eval(), x)
+    assert not torch.allclose(expected, outputs(build(), x))  # the adapter changes the output
     theirs.save_pretrained(tmp_path)
     ours = peftlite.load_adapter(build(), tmp_path)
     torch.testing.assert_close(outputs(ours.eval(), x), expected, rtol=1e-5, atol=1e-5)
