@@ -169,7 +169,11 @@ def main():
     parser.add_argument("--images", type=int, default=16, help="conv net: batch size")
     parser.add_argument("--rank", type=int, default=16)
     common.add_run_options(parser, rounds=20, warmup=3)
-    common.run_and_report(parser.parse_args(), run, COLUMNS, "kinds", "kinds")
+    args = parser.parse_args()
+    if args.device != "cpu" or args.dtype != "float32":
+        parser.error("bench_kinds.py builds its models on the CPU in float32; --device and --dtype are not "
+                     "supported yet")
+    common.run_and_report(args, run, COLUMNS, "kinds", "kinds")
 
 
 if __name__ == "__main__":
