@@ -141,6 +141,9 @@ def inject_adapters(model: nn.Module, *, targets=None, exclude=None, dim=None, b
                                 "adapter there would have no effect. Wrap the attention module itself instead.")
         if path in own:
             raise PeftliteError(f"module '{path}' belongs to a peftlite module; leave it out of targets.")
+        if path in trained or any(path.startswith(head + ".") for head in trained):
+            raise PeftliteError(f"module '{path}' is (inside) a trained head, saved whole; leave it out of targets, "
+                                "or pass trainable=[] to adapt it instead.")
         try:
             adapter_sizes(module, dim, bottleneck, reduction_factor, mode)
         except PeftliteError as err:

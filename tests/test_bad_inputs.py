@@ -16,7 +16,7 @@ from torch import nn
 
 import peftlite
 from peftlite import PeftliteError
-from tests.models import TinyMLP, assert_unchanged, snapshot, tiny_llama
+from tests.models import TinyMLP, assert_unchanged, snapshot, tiny_bert, tiny_llama
 
 # ---- calls: (model factory, call(model, tmp_path), expected message) ----
 
@@ -169,6 +169,8 @@ CALLS = {
     "adapter name": (mlp, adapter(name="x.y"), "name='x.y'"),
     "adapter mha internal": (attention, lambda m, t: peftlite.inject(m, method="adapter", targets=["out_proj"]),
                              "belongs to an nn.MultiheadAttention"),
+    "adapter on a trained head": (tiny_bert, lambda m, t: peftlite.inject(m, method="adapter", targets=["classifier"]),
+                                  "'classifier' is .inside. a trained head"),
     "adapter twice": (lambda: peftlite.inject(mlp(), method="adapter", targets=["fc1"]), adapter(),
                       "already has a child or parameter named 'adapter'"),
     "adapter unknown dim": (lambda: nn.Sequential(nn.ReLU(), nn.Linear(3, 3)),
