@@ -75,3 +75,11 @@ def test_every_path_type_and_non_utf8_names(tmp_path, kind):
     target = {"str": os.fsdecode(raw), "pathlike": tmp_path / os.fsdecode(raw).rsplit("/", 1)[1], "bytes": raw}[kind]
     peftlite.save_adapter(model, target)
     torch.testing.assert_close(peftlite.load_adapter(base(), target).eval()(X), model(X), rtol=0, atol=0)
+
+
+def test_a_trained_head_in_a_dtype_the_file_cannot_hold_is_refused_before_writing(tmp_path):
+    model = peftlite.inject(base(), rank=2, targets=["fc1"], trainable=["norm"])
+    model.norm.register_buffer("counter", torch.zeros(2, dtype=torch.complex64))
+    with pytest.raises(PeftliteError, match="'base_model.model.norm.counter' has dtype torch.complex64"):
+        peftlite.save_adapter(model, tmp_path)
+    assert not any(tmp_path.iterdir())

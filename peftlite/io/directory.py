@@ -22,7 +22,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load
 
 from ..errors import PeftliteError
-from .safetensors_file import save_file
+from .safetensors_file import DTYPES, save_file
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -47,6 +47,10 @@ def config_digest(config: dict) -> str:
 
 def write_adapter(directory: Path, tensors: dict, config: dict) -> None:
     """Both files, atomically as described above; an OS error becomes a PeftliteError naming the path."""
+    unsupported = next((key for key, tensor in tensors.items() if tensor.dtype not in DTYPES), None)
+    if unsupported is not None:
+        raise PeftliteError(f"save_adapter: '{unsupported}' has dtype {tensors[unsupported].dtype}, which the "
+                            f"safetensors files peftlite writes cannot hold ({', '.join(map(str, DTYPES))}).")
     text = json.dumps(config, indent=2, sort_keys=True) + "\n"
     token = uuid.uuid4().hex[:12]
     temporary = {name: directory / f".{name}.{token}.tmp" for name in (WEIGHTS_NAME, CONFIG_NAME)}
@@ -58,10 +62,12 @@ def write_adapter(directory: Path, tensors: dict, config: dict) -> None:
             flush(path)
         for name, path in temporary.items():  # weights first: a crash in between is caught by the checksum
             os.replace(path, directory / name)
-    except OSError as err:
+    except BaseException as err:  # whatever stopped the save, no temporary file stays behind
         for path in temporary.values():
             if path.parent.is_dir():
                 path.unlink(missing_ok=True)
+        if not isinstance(err, OSError):
+            raise
         raise PeftliteError(f"{directory}: could not write the adapter ({err.strerror or err}); an adapter saved "
                             "there before is unchanged. Check that the path is a writable directory with free "
                             "space.") from None
