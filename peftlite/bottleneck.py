@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from .errors import PeftliteError, check_adapter_name, check_positive_int
+from .ops.row_mix import spread
 
 ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU, "swish": nn.SiLU, "tanh": nn.Tanh,
                "identity": nn.Identity}
@@ -153,17 +154,31 @@ class Adapter(nn.Module):
             self.__dict__[slot] = base.__dict__[slot]  # shared containers: one truth for both objects
         self.mode, self.dim = mode, dim
         self.training = base.training
-        reference = next(iter([*base.parameters(), *base.buffers()]), None)
+        self.adapter = nn.ModuleDict()
+        self.adapter_active, self.adapter_rows = (), None
+        self.add(name, bottleneck, activation, scaling, dropout, init)
+
+    def add(self, name: str, bottleneck: int, activation: str = "relu", scaling=1.0, dropout: float = 0.0,
+            init: str = "default") -> None:
+        """Give the wrapper another bottleneck ``name`` (same mode and dim), active from now on."""
+        reference = next(iter([*self.base.parameters(), *self.base.buffers()]), None)
         factory = {} if reference is None or not reference.is_floating_point() else \
             {"device": reference.device, "dtype": reference.dtype}
-        self.adapter_name = name
-        own = Bottleneck(dim, bottleneck, activation, scaling, dropout, init).to(**factory)
-        self.adapter = nn.ModuleDict({name: own})
+        self.adapter[name] = Bottleneck(self.dim, bottleneck, activation, scaling, dropout, init).to(**factory)
+        self.adapter_active = (*self.adapter_active, name)
+
+    def remove(self, name: str) -> None:
+        """Drop bottleneck ``name`` (the caller releases the wrapper once none is left)."""
+        del self.adapter[name]
+        self.adapter_active = tuple(n for n in self.adapter_active if n != name)
 
     @property
     def bottleneck(self) -> Bottleneck:
-        """The adapter's own parameters (state-dict keys ``adapter.<name>.down.weight``, ...)."""
-        return self.adapter[self.adapter_name]
+        """The adapter's own parameters (state-dict keys ``adapter.<name>.down.weight``, ...) when it holds one."""
+        if len(self.adapter) != 1:
+            raise PeftliteError(f"this Adapter holds {len(self.adapter)} bottlenecks ({', '.join(self.adapter)}); "
+                                "pick one by name: adapter.adapter[name].")
+        return next(iter(self.adapter.values()))
 
     def forward(self, *args, **kwargs):
         out = self.base(*args, **kwargs)
@@ -183,10 +198,23 @@ class Adapter(nn.Module):
             raise PeftliteError(f"a parallel Adapter adds a function of the input {tuple(source.shape)} to the output "
                                 f"{tuple(hidden.shape)} of the {type(self.base).__name__}; they must have one shape. "
                                 "Use mode='sequential'.")
-        axis = self.feature_axis(source)
-        update = self.bottleneck(source.movedim(axis, -1)).movedim(-1, axis)  # features last for the projections
-        adapted = hidden + update
+        update = self.update(source)
+        adapted = hidden if update is None else hidden + update  # no bottleneck active: the base's output itself
         return adapted if rest is None else (adapted, *rest)
+
+    def update(self, source: torch.Tensor) -> torch.Tensor | None:
+        """The sum of the active bottlenecks' outputs (inside ``adapter_per_row``: each row's own one)."""
+        axis = self.feature_axis(source)
+        features = source.movedim(axis, -1)  # features last for the projections
+        rows = self.adapter_rows
+        names = self.adapter_active if rows is None else rows.names
+        total = None
+        for column, name in enumerate(names):
+            out = self.adapter[name](features)
+            if rows is not None:
+                out = torch.where(spread(rows.mask[:, column], out), out, 0)
+            total = out if total is None else total + out
+        return None if total is None else total.movedim(-1, axis)
 
     def feature_axis(self, tensor: torch.Tensor) -> int:
         """The axis the adapter reads: the last, or a convolution's channels (1 batched, 0 unbatched)."""
@@ -221,7 +249,7 @@ class Adapter(nn.Module):
         return self.base
 
     def extra_repr(self) -> str:
-        return f"{type(self.base).__name__}, mode={self.mode!r}, dim={self.dim}"
+        return f"{type(self.base).__name__}, mode={self.mode!r}, dim={self.dim}, active={list(self.adapter_active)}"
 
 
 def adapter_sizes(base: nn.Module, dim, bottleneck, reduction_factor, mode) -> tuple[int, int]:

@@ -14,7 +14,9 @@ ConvNd        [r, in, *kernel]     [out, r, 1, ...]    conv(x, A) then 1x1 conv(
 
 Linear covers ``nn.Linear`` and every subclass (the subclass's own forward still runs);
 Conv1D is transformers' GPT-2 layer (weight stored ``[in, out]``); ConvNd is ``nn.Conv1d/2d/3d`` with
-``groups=1`` and any kernel, stride, padding, padding mode and dilation. The shapes and key
+``groups=1`` and any kernel, stride, padding, padding mode and dilation. Each kind computes the
+branch in two halves, ``expand(shrink(x, A), B)``: the adapters of one layer stacked (A along its
+first axis, B along its second) go through one pair, which is how per-row batches run. The shapes and key
 names are those of Hugging Face PEFT's files. Adding a kind is one object here plus one row in the
 parametrized kind suite (``tests/test_kinds.py``).
 """
@@ -51,8 +53,15 @@ class Kind(Protocol):
     def init_(self, lora_A: torch.Tensor, lora_B: torch.Tensor, init: str, rank: int) -> None:
         """Draw the adapter's starting values in place, such that ``delta = B A = 0``."""
 
-    def branch(self, module: nn.Module, x: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor) -> torch.Tensor:
-        """The low-rank term for input ``x`` in the module's output layout (the caller folds the scaling into B)."""
+    def shrink(self, module: nn.Module, x: torch.Tensor, lora_A: torch.Tensor) -> torch.Tensor:
+        """The first half of the branch: ``x`` through A, rank on ``rank_axis``. A stacks along its first axis."""
+
+    def expand(self, module: nn.Module, t: torch.Tensor, lora_B: torch.Tensor) -> torch.Tensor:
+        """The second half: ``shrink``'s output through B, in the module's output layout (the caller folds the
+        scaling into B). B stacks along its second axis."""
+
+    def rank_axis(self, t: torch.Tensor) -> int | None:
+        """The axis of ``shrink``'s output ``t`` that holds the rank; None when ``t`` has no leading batch axis."""
 
     def merges(self, cls: type) -> bool:
         """Whether ``cls`` runs the kind's own forward (a subclass that overrides it may do anything). Where it
@@ -117,8 +126,14 @@ class LinearKind:
     def shapes(self, module, rank):
         return (rank, module.in_features), (module.out_features, rank)
 
-    def branch(self, module, x, lora_A, lora_B):
-        return F.linear(F.linear(x, lora_A), lora_B)  # [..., r] -> [..., out]
+    def rank_axis(self, t):
+        return -1 if t.ndim >= 2 else None
+
+    def shrink(self, module, x, lora_A):
+        return F.linear(x, lora_A)  # [..., in] -> [..., r]
+
+    def expand(self, module, t, lora_B):
+        return F.linear(t, lora_B)  # [..., r] -> [..., out]
 
     def delta_rows(self, lora_A, lora_B, r0, r1):
         return einops.einsum(lora_B[r0:r1], lora_A, "o r, r i -> o i")
@@ -190,9 +205,14 @@ class EmbeddingKind:
         lora_A.zero_()
         nn.init.normal_(lora_B)
 
-    def branch(self, module, ids, lora_A, lora_B):
-        rows = F.embedding(ids, lora_A.t(), module.padding_idx, scale_grad_by_freq=module.scale_grad_by_freq)
-        return F.linear(rows, lora_B)  # [..., r] -> [..., dim]
+    def rank_axis(self, t):
+        return -1 if t.ndim >= 2 else None
+
+    def shrink(self, module, ids, lora_A):
+        return F.embedding(ids, lora_A.t(), module.padding_idx, scale_grad_by_freq=module.scale_grad_by_freq)
+
+    def expand(self, module, t, lora_B):
+        return F.linear(t, lora_B)  # [..., r] -> [..., dim]
 
     def delta_rows(self, lora_A, lora_B, r0, r1):
         return einops.einsum(lora_B, lora_A[:, r0:r1], "d r, r n -> n d")
@@ -233,12 +253,17 @@ class ConvKind:
     def shapes(self, module, rank):
         return (rank, module.in_channels, *module.kernel_size), (module.out_channels, rank, *(1,) * self.dims)
 
-    def branch(self, module, x, lora_A, lora_B):
+    def rank_axis(self, t):
+        return 1 if t.ndim == self.dims + 2 else None  # [B, r, *spatial]; unbatched [r, *spatial] has no rows
+
+    def shrink(self, module, x, lora_A):
         padding = module.padding
         if module.padding_mode != "zeros":  # as the base pads: explicitly, then no padding in the conv
             x = F.pad(x, module._reversed_padding_repeated_twice, mode=module.padding_mode)
             padding = 0
-        t = self.conv(x, lora_A, None, module.stride, padding, module.dilation)  # [B, r, *spatial]
+        return self.conv(x, lora_A, None, module.stride, padding, module.dilation)  # [B, r, *spatial]
+
+    def expand(self, module, t, lora_B):
         return self.conv(t, lora_B)  # [B, out, *spatial]
 
     def delta_rows(self, lora_A, lora_B, r0, r1):

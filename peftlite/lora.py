@@ -31,6 +31,7 @@ from .errors import PeftliteError, check_adapter_name, check_flag, check_positiv
 from .kinds import Kind, require_kind
 from .ops import exact_merge
 from .ops.backend import lora_linear
+from .ops.row_mix import dropout_rows, spread
 
 INITS = ("default", "gaussian")
 HALF = (torch.float16, torch.bfloat16)
@@ -81,20 +82,31 @@ class LoRALayer(nn.Module):
     """The part of an adapted module's class that LoRA adds; always first in its bases.
 
     State, besides the two ``ParameterDict`` children: ``lora_kind`` (the module's kind),
-    ``lora_settings`` (name -> :class:`LoRASettings`) and ``lora_merge`` (while merged: the
-    adapter names folded into the weight and what an exact unmerge needs).
+    ``lora_settings`` (name -> :class:`LoRASettings`, every adapter the layer holds),
+    ``lora_active`` (the names whose terms the forward adds, in order), ``lora_merge`` (while
+    merged: the adapter names folded into the weight and what an exact unmerge needs) and
+    ``lora_rows`` (inside ``peftlite.adapter_per_row``: which adapter each row uses).
+
+        y = base(x; W + sum of merged deltas) + sum over active, unmerged n of scaling_n * branch_n(x)
     """
 
     lora_A: nn.ParameterDict
     lora_B: nn.ParameterDict
 
     def forward(self, *args, **kwargs):
-        if self.lora_merge is not None:
+        if self.lora_rows is not None:
+            out = super().forward(*args, **kwargs)
+            if not self.lora_rows.names:  # no row uses an adapter of this layer
+                return out
+            return out + self._rows_term(args[0] if args else next(iter(kwargs.values())), out.dtype)
+        merged = () if self.lora_merge is None else self.lora_merge.names
+        if merged:
             self._refuse_training_while_merged()
+        names = [name for name in self.lora_active if name not in merged]
+        if not names:
             return super().forward(*args, **kwargs)
-        names = list(self.lora_settings)
         own_forward = self.lora_kind.merges(type(self).lora_base)  # the kind's known forward
-        if own_forward and len(names) == 1 and len(args) == 1 and not kwargs:
+        if own_forward and not merged and len(names) == 1 and len(args) == 1 and not kwargs:
             weight = self.lora_kind.linear_weight(self)
             if weight is not None:
                 return self._fused_linear(args[0], weight, names[0])
@@ -111,10 +123,27 @@ class LoRALayer(nn.Module):
         settings = self.lora_settings[name]
         if x.is_floating_point():
             x = x.to(dtype)
-            if self.lora_kind.takes_dropout and settings.dropout and self.training:
+            if self.training and self.lora_kind.takes_dropout and settings.dropout:
                 x = F.dropout(x, settings.dropout, training=True)
         lora_B = self.lora_B[name].to(dtype) * settings.scaling
-        return self.lora_kind.branch(self, x, self.lora_A[name].to(dtype), lora_B)
+        kind = self.lora_kind
+        return kind.expand(self, kind.shrink(self, x, self.lora_A[name].to(dtype)), lora_B)
+
+    def _rows_term(self, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """Each row's own adapter term: the layer's adapters stacked (ranks side by side) through one
+        shrink and one expand, the columns of other rows' adapters masked to zero in between."""
+        rows = self.lora_rows
+        if x.is_floating_point():
+            x = x.to(dtype)
+            if self.training and self.lora_kind.takes_dropout and rows.dropout is not None:
+                x = dropout_rows(x, rows.dropout)
+        kind = self.lora_kind
+        lora_A = torch.cat([self.lora_A[name].to(dtype) for name in rows.names])
+        lora_B = torch.cat([self.lora_B[name].to(dtype) * self.lora_settings[name].scaling for name in rows.names],
+                           dim=1)
+        t = kind.shrink(self, x, lora_A)
+        t = torch.where(spread(rows.mask, t, kind.rank_axis(t)), t, 0)
+        return kind.expand(self, t, lora_B)
 
     def _fused_linear(self, x: torch.Tensor, weight: torch.Tensor, name: str) -> torch.Tensor:
         """``x W^T + b`` plus the low-rank term as one op (``weight`` [out, in], possibly a transposed view);
@@ -144,9 +173,11 @@ class LoRALayer(nn.Module):
             for name, settings in self.lora_settings.items():
                 self.lora_kind.init_(self.lora_A[name], self.lora_B[name], init, settings.rank)
 
-    def delta_weight(self) -> torch.Tensor:
-        """``sum_n scaling_n * delta_n`` in the weight's layout, float32 (float64 for float64 weights)."""
-        return self._delta_rows(list(self.lora_settings))(0, self.weight.shape[0])
+    def delta_weight(self, names=None) -> torch.Tensor:
+        """``sum_n scaling_n * delta_n`` over ``names`` (default: the active adapters) in the weight's layout,
+        float32 (float64 for float64 weights)."""
+        names = list(self.lora_active if names is None else names)
+        return self._delta_rows(names)(0, self.weight.shape[0])
 
     def _delta_rows(self, names: list[str]):
         """``(r0, r1) -> rows r0:r1 of the summed delta`` for :mod:`exact_merge`."""
@@ -165,17 +196,20 @@ class LoRALayer(nn.Module):
         return rows
 
     def merge(self) -> None:
-        """Fold every adapter into ``weight`` in place: ``W <- round(W + delta)``. Idempotent.
+        """Fold the active adapters into ``weight`` in place: ``W <- round(W + delta)``. Idempotent.
 
         Raises :class:`PeftliteError` (weight unchanged) if the merged weight would hold NaN or Inf.
         """
         if self.merged:
             return
         self.check_mergeable("this layer")
-        if not self.merge_is_finite():
+        names = list(self.lora_active)
+        if not names:
+            return
+        if not self.merge_is_finite(names):
             raise PeftliteError(f"merging this {type(self).__name__} gives NaN or Inf weights; nothing was changed. "
                                 "Check lora_A/lora_B for NaN/Inf or overflow in the weight's dtype.")
-        self.commit_merge()
+        self.commit_merge(names)
 
     def check_mergeable(self, where: str) -> None:
         """Raise unless adding the delta to the weight computes what the unmerged forward does."""
@@ -186,16 +220,15 @@ class LoRALayer(nn.Module):
                                 "forward; nothing was changed. Keep it unmerged (its forward is exact), or "
                                 "peftlite.unload(model, merge=False).")
 
-    def merge_is_finite(self) -> bool:
-        """Whether :meth:`merge` would give a weight free of NaN and Inf (checks, changes nothing)."""
-        return exact_merge.merge_is_finite(self.weight.detach(), self._delta_rows(list(self.lora_settings)))
+    def merge_is_finite(self, names: list[str]) -> bool:
+        """Whether merging ``names`` would give a weight free of NaN and Inf (checks, changes nothing)."""
+        return exact_merge.merge_is_finite(self.weight.detach(), self._delta_rows(names))
 
-    def commit_merge(self) -> None:
-        """Merge without the finiteness check; ``merge(model)`` checks every layer first, then commits."""
-        names = list(self.lora_settings)
+    def commit_merge(self, names: list[str]) -> None:
+        """Merge ``names`` without the finiteness check; ``merge(model)`` checks every layer first, then commits."""
         with torch.no_grad():
             residual = exact_merge.merge_exact_(self.weight.detach(), self._delta_rows(names))
-        self.lora_merge = MergeState(names, residual, self._merge_key())
+        self.lora_merge = MergeState(tuple(names), residual, self._merge_key(names))
 
     def unmerge(self) -> None:
         """Take the adapters out of ``weight`` again, restoring it bit-exactly. Idempotent."""
@@ -217,14 +250,14 @@ class LoRALayer(nn.Module):
 
     def exactly_unmergeable(self) -> bool:
         """False if the weight, an adapter, a dtype or device changed since :meth:`merge` (while merged)."""
-        return self._merge_key() == self.lora_merge.key
+        return self._merge_key(self.lora_merge.names) == self.lora_merge.key
 
-    def _merge_key(self) -> tuple:
+    def _merge_key(self, names) -> tuple:
         """What must not change between merge and unmerge for the exact inverse to hold: the weight's and the
-        adapters' dtypes, devices and contents (checksums, so ``.data`` edits count too), and the settings."""
-        tensors = [self.weight] + [t for n in self.lora_settings for t in (self.lora_A[n], self.lora_B[n])]
+        merged adapters' dtypes, devices and contents (checksums, so ``.data`` edits count too), and settings."""
+        tensors = [self.weight] + [t for n in names for t in (self.lora_A[n], self.lora_B[n])]
         return (tuple((t.dtype, t.device, tuple(t.shape), exact_merge.fingerprint(t)) for t in tensors),
-                tuple(self.lora_settings.items()))
+                tuple((n, self.lora_settings[n]) for n in names))
 
     def merge_state_bytes(self) -> int:
         """Bytes held to make :meth:`unmerge` exact (0 while unmerged)."""
@@ -233,7 +266,8 @@ class LoRALayer(nn.Module):
     def _refuse_training_while_merged(self) -> None:
         if not (self.training and torch.is_grad_enabled()):  # inference: nothing to check
             return
-        if any(p.requires_grad for p in (*self.lora_A.values(), *self.lora_B.values())):
+        names = self.lora_merge.names
+        if any(p.requires_grad for n in names for p in (self.lora_A[n], self.lora_B[n])):
             raise PeftliteError(
                 "forward in training mode on a merged LoRA layer: the adapter would get no gradient. "
                 "Call peftlite.unmerge(model) before training, or model.eval() / torch.no_grad() for inference.")
@@ -245,14 +279,15 @@ class LoRALayer(nn.Module):
     def extra_repr(self) -> str:
         adapters = ", ".join(f"{n}: rank={s.rank}, alpha={s.alpha:g}, dropout={s.dropout:g}, rslora={s.rslora}"
                              for n, s in self.lora_settings.items())
-        return f"{super().extra_repr()}, lora={{{adapters}}}, merged={self.merged}"
+        merged = list(self.lora_merge.names) if self.merged else []
+        return f"{super().extra_repr()}, lora={{{adapters}}}, active={list(self.lora_active)}, merged={merged}"
 
 
 @dataclass
 class MergeState:
     """While merged: which adapters are in the weight, the exact-unmerge residual, the unchanged-state key."""
 
-    names: list[str]
+    names: tuple[str, ...]
     residual: exact_merge.MergeResidual
     key: tuple
 
@@ -304,11 +339,9 @@ def plan_lora(where: str, module: nn.Module, name: str, rank, alpha, dropout, rs
         if module.merged:
             raise PeftliteError(f"module '{where}' is merged; call peftlite.unmerge(model) before adding adapters.")
         if name in module.lora_settings:
-            raise PeftliteError(f"module '{where}' already has a LoRA adapter named {name!r}. To start over, call "
-                                "peftlite.unload(model) first, or leave it out of targets.")
-        raise PeftliteError(f"module '{where}' already has LoRA adapter(s) {list(module.lora_settings)}; one adapter "
-                            f"per module is supported for now, so {name!r} cannot be added. Call "
-                            "peftlite.unload(model) first, or leave it out of targets.")
+            raise PeftliteError(f"module '{where}' already has a LoRA adapter named {name!r}; pick another name "
+                                "(peftlite.adapter_names(model) lists the taken ones), or remove it first with "
+                                "peftlite.delete_adapter(model, name).")
     settings = LoRASettings(rank, float(rank if alpha is None else alpha), float(dropout), rslora)
     return kind, name, settings, init, adapter_dtype_for(module.weight, adapter_dtype)
 
@@ -326,8 +359,18 @@ def add_lora(module: nn.Module, kind: Kind, name: str, settings: LoRASettings, i
         module.__class__ = lora_class(type(module))
         module.lora_A, module.lora_B = nn.ParameterDict(), nn.ParameterDict()
         module.lora_kind, module.lora_settings, module.lora_merge = kind, {}, None
+        module.lora_active, module.lora_rows = (), None
     module.lora_A[name], module.lora_B[name] = lora_A, lora_B
     module.lora_settings[name] = settings
+    module.lora_active = (*module.lora_active, name)
+
+
+def remove_lora(module: LoRALayer, name: str) -> None:
+    """Mutate: drop adapter ``name`` (unmerged) from ``module``; the last one gives the module its class back."""
+    del module.lora_A[name], module.lora_B[name], module.lora_settings[name]
+    module.lora_active = tuple(n for n in module.lora_active if n != name)
+    if not module.lora_settings:
+        release(module)
 
 
 def release(module: LoRALayer) -> nn.Module:
@@ -337,7 +380,7 @@ def release(module: LoRALayer) -> nn.Module:
     """
     for attr in ("lora_A", "lora_B"):
         delattr(module, attr)
-    for attr in ("lora_kind", "lora_settings", "lora_merge"):
+    for attr in ("lora_kind", "lora_settings", "lora_merge", "lora_active", "lora_rows"):
         module.__dict__.pop(attr, None)
     module.__class__ = module.__class__.lora_base
     return module

@@ -79,10 +79,13 @@ def inject(model: nn.Module, rank: int | None = None, *, method: str = "lora", t
     modules that train whole beside the adapters and are saved whole (PEFT's ``modules_to_save``);
     ``None`` means the new head of a Hugging Face task model (``classifier``, ``score``,
     ``qa_outputs`` of ``*ForSequenceClassification``, ``*ForTokenClassification``,
-    ``*ForQuestionAnswering``), ``[]`` none. Parameters of adapters injected earlier stay
-    trainable; every other parameter gets ``requires_grad=False``.
+    ``*ForQuestionAnswering``), ``[]`` none. A model may hold several adapters under different
+    names: the new one joins the active set, and the adapters active before stay active and
+    trainable (``peftlite.set_adapter`` picks). Parameters of active adapters, the prefix and
+    trained heads train; every other parameter gets ``requires_grad=False``.
     """
     bare = unwrap(model)
+    refuse_in_context(bare, "inject")
     if method not in METHODS:
         raise PeftliteError(f"method={method!r}: expected one of {', '.join(map(repr, METHODS))}.")
     if rank is not None and method != "lora":
@@ -145,10 +148,34 @@ def inject_adapters(model: nn.Module, *, targets=None, exclude=None, dim=None, b
             raise PeftliteError(f"module '{path}' is (inside) a trained head, saved whole; leave it out of targets, "
                                 "or pass trainable=[] to adapt it instead.")
         try:
-            adapter_sizes(module, dim, bottleneck, reduction_factor, mode)
+            if isinstance(module, Adapter):
+                check_another_bottleneck(module, name, dim, bottleneck, reduction_factor, mode)
+            else:
+                adapter_sizes(module, dim, bottleneck, reduction_factor, mode)
         except PeftliteError as err:
             raise PeftliteError(f"module '{path}': {err}") from None
-    wrap_each(model, names, lambda base: Adapter(base, **options, name=name))
+    extend = [path for path in names if isinstance(model.get_submodule(path), Adapter)]
+    for module in {id(m): m for m in map(model.get_submodule, extend)}.values():
+        size = bottleneck if bottleneck is not None else int(module.dim // reduction_factor)
+        module.add(name, size, activation, scaling, dropout, init)
+    fresh = [path for path in names if path not in extend]
+    if fresh:
+        wrap_each(model, fresh, lambda base: Adapter(base, **options, name=name))
+
+
+def check_another_bottleneck(module: Adapter, name: str, dim, bottleneck, reduction_factor, mode) -> None:
+    """Raise unless the wrapper ``module`` can take bottleneck ``name`` beside those it holds."""
+    if name in module.adapter:
+        raise PeftliteError(f"it already has a bottleneck adapter named {name!r}; pick another name or remove it "
+                            "first with peftlite.delete_adapter(model, name)")
+    if mode != module.mode:
+        raise PeftliteError(f"its adapters run in mode={module.mode!r}; a second adapter on one module must use the "
+                            f"same mode (got {mode!r})")
+    if dim is not None and dim != module.dim:
+        raise PeftliteError(f"dim={dim} does not match its adapters' dim {module.dim}; leave dim out")
+    if bottleneck is None and int(module.dim // reduction_factor) < 1:
+        raise PeftliteError(f"dim {module.dim} // reduction_factor {reduction_factor} is 0; pass a smaller "
+                            "reduction_factor or bottleneck=<size>")
 
 
 def inject_prefix(model: nn.Module, *, targets=None, exclude=None, prefix_len: int = 10,
@@ -214,23 +241,38 @@ def replace(model: nn.Module, modules: dict[str, nn.Module]) -> None:
             setattr(model.get_submodule(parent), child, swaps[id(old)])
 
 
-def adapter_parameters(model: nn.Module) -> set[int]:
-    """ids of every trainable-by-design parameter: LoRA A/B, bottlenecks, prefix encoders, trained heads."""
+def adapter_parameters(model: nn.Module, active_only: bool = False) -> set[int]:
+    """ids of every trainable-by-design parameter: LoRA A/B, bottlenecks, prefix encoders, trained heads
+    (with ``active_only``, of the active adapters only)."""
     found = set()
     for module in model.modules():
         if isinstance(module, LoRALayer):
-            found |= {id(p) for p in (*module.lora_A.values(), *module.lora_B.values())}
+            names = module.lora_active if active_only else module.lora_settings
+            found |= {id(p) for n in names for p in (module.lora_A[n], module.lora_B[n])}
         elif isinstance(module, Adapter):
-            found |= {id(p) for p in module.adapter.parameters()}
+            names = module.adapter_active if active_only else module.adapter
+            found |= {id(p) for n in names for p in module.adapter[n].parameters()}
         elif isinstance(module, PrefixEncoder) or module.__dict__.get(TRAINED):
             found |= {id(p) for p in module.parameters()}
     return found
 
 
 def freeze_all_but_adapters(model: nn.Module) -> None:
-    trainable = adapter_parameters(model)
+    """Only the active adapters, the prefix and trained heads train."""
+    trainable = adapter_parameters(model, active_only=True)
     for param in model.parameters():
         param.requires_grad_(id(param) in trainable)
+
+
+CONTEXT = "_peftlite_context"  # on the bare model while disable_adapters / adapter_per_row is entered
+
+
+def refuse_in_context(model: nn.Module, action: str) -> None:
+    """Raise if ``model`` is inside ``disable_adapters`` or ``adapter_per_row``, which restore its state on exit."""
+    context = model.__dict__.get(CONTEXT)
+    if context is not None:
+        raise PeftliteError(f"{action} inside peftlite.{context}(model): leaving the context restores the adapters as "
+                            "they were on entry, so changing them inside is refused. Exit the context first.")
 
 
 def is_adapted(module: nn.Module) -> bool:
@@ -276,74 +318,150 @@ def check_unshared(model: nn.Module, layers: dict[str, LoRALayer]) -> None:
                                 "model unmerged (its forward is correct), or untie the weights first.")
 
 
-def merge(model: nn.Module) -> nn.Module:
-    """Fold every LoRA update into its base weight, in place: ``W <- round(W + delta)``.
+def merge(model: nn.Module, names=None) -> nn.Module:
+    """Fold LoRA updates into their base weights, in place: ``W <- round(W + delta)``.
 
-    Idempotent. Afterwards a forward through each layer costs its plain base forward. The update
-    is computed in float32 and rounded once into the weight's dtype. Checks all layers before
-    changing any: a merged weight that would hold NaN or Inf, or a weight shared with another
-    module (tied weights), raises and changes nothing. Keeps one byte per merged weight element
-    so that :func:`unmerge` is bit-exact. Bottleneck adapters and prefixes cannot be merged
-    (they add computation, not a weight change); they stay as they are, and a model with
-    nothing but them raises.
+    ``names``: the LoRA adapters to fold in (a name or a list), default the active ones; each
+    must be active (a merged adapter computes). Idempotent; layers already holding merged
+    adapters get the union. Afterwards a forward through each layer costs its plain base forward
+    plus the terms of active adapters left unmerged. The update is computed in float32 and rounded
+    once into the weight's dtype. Checks all layers before changing any: a merged weight that would
+    hold NaN or Inf, or a weight shared with another module (tied weights), raises and changes
+    nothing. Keeps one byte per merged weight element so that :func:`unmerge` is bit-exact.
+    Bottleneck adapters and prefixes cannot be merged (they add computation, not a weight change);
+    they stay as they are, and a model with nothing but them raises.
     """
     bare = unwrap(model)
+    refuse_in_context(bare, "merge")
     refuse_meta(bare, "merge")
     others = unmergeable(bare)
     if not lora_layers(bare) and others:
         raise PeftliteError(f"merge: the model's {others} cannot be merged into weights: they add computation of "
                             "their own. Keep them, or remove them with peftlite.unload(model) (which drops what "
                             "they learned; save_adapter first).")
-    pending = {name: layer for name, layer in require_lora(bare, "merge").items() if not layer.merged}
-    for name, layer in pending.items():
-        layer.check_mergeable(f"merge: layer '{name}'")
-    check_unshared(bare, pending)
-    for name, layer in pending.items():  # check only, so a bad layer changes nothing
-        if not layer.merge_is_finite():
-            raise PeftliteError(f"merging layer '{name}' gives NaN or Inf weights; no layer was changed. "
-                                "Check its lora_A/lora_B for NaN/Inf or overflow in the weight's dtype.")
-    for layer in pending.values():
-        layer.commit_merge()
+    layers = require_lora(bare, "merge")
+    wanted = merge_names(bare, layers, names)
+    plans = {}
+    for path, layer in layers.items():
+        merged = layer.lora_merge.names if layer.merged else ()
+        target = [n for n in layer.lora_settings if n in merged or (n in wanted and n in layer.lora_active)]
+        if list(merged) != target:
+            plans[path] = layer, target
+    for path, (layer, _) in plans.items():
+        layer.check_mergeable(f"merge: layer '{path}'")
+    check_unshared(bare, {path: layer for path, (layer, _) in plans.items()})
+    remerge(plans, "merge")
     return model
 
 
 merge_all = merge  # unload's argument is called `merge`
 
 
-def unmerge(model: nn.Module) -> nn.Module:
-    """Take every merged LoRA update out again, restoring each base weight bit-exactly. Idempotent."""
-    layers = require_lora(unwrap(model), "unmerge")
-    for name, layer in layers.items():
+def merge_names(model: nn.Module, layers: dict[str, LoRALayer], names) -> list[str]:
+    """The LoRA adapters ``merge(model, names)`` folds in: checked, in the model's order."""
+    present = list(dict.fromkeys(n for layer in layers.values() for n in layer.lora_settings))
+    active = [n for n in present if any(n in layer.lora_active for layer in layers.values())]
+    if names is None:
+        if not active:
+            raise PeftliteError("merge: no LoRA adapter is active, so there is nothing to merge. "
+                                f"peftlite.set_adapter(model, ...) picks among {present}.")
+        return active
+    names = [names] if isinstance(names, str) else names
+    if not isinstance(names, (list, tuple)) or not names or not all(isinstance(n, str) for n in names):
+        raise PeftliteError(f"names={names!r}: expected an adapter name or a non-empty list of them "
+                            f"(LoRA adapters of this model: {present}), or None for the active ones.")
+    for name in names:
+        if name not in present:
+            raise PeftliteError(f"merge: the model has no LoRA adapter named {name!r}; its LoRA adapters are "
+                                f"{present} (bottleneck adapters and prefixes cannot be merged).")
+        if name not in active:
+            raise PeftliteError(f"merge: adapter {name!r} is not active, and a merged adapter computes. "
+                                f"Activate it first: peftlite.set_adapter(model, [...]) (active now: {active}).")
+    return [n for n in present if n in names]
+
+
+def remerge(plans: dict[str, tuple[LoRALayer, list[str]]], action: str) -> None:
+    """Give each layer exactly the merged adapters of its plan, bit-exactly, or change nothing.
+
+    Each touched layer is unmerged (checked first), checked for a finite merge of its new set, and
+    merged again; if one would hold NaN or Inf, every layer gets its previous state back (unmerge
+    and merge are exact inverses) and the call raises.
+    """
+    for path, (layer, _) in plans.items():
         if layer.merged and not layer.exactly_unmergeable():
-            raise PeftliteError(f"layer '{name}': its weight, adapter, dtype or device changed while merged, so "
-                                "its weight cannot be restored exactly; no layer was changed. Unmerge before "
-                                "changing them.")
-    for layer in layers.values():
+            raise PeftliteError(f"layer '{path}': its weight, adapter, dtype or device changed while merged, so "
+                                f"its weight cannot be restored exactly; no layer was changed ({action}). Unmerge "
+                                "before changing them.")
+    previous = {path: layer.lora_merge.names if layer.merged else () for path, (layer, _) in plans.items()}
+    for layer, _ in plans.values():
         if layer.merged:
             layer.commit_unmerge()
+    failed = next((path for path, (layer, target) in plans.items() if target and not layer.merge_is_finite(target)),
+                  None)
+    if failed is not None:
+        for path, (layer, _) in plans.items():
+            if previous[path]:
+                layer.commit_merge(list(previous[path]))
+        raise PeftliteError(f"{action}: merging layer '{failed}' gives NaN or Inf weights; no layer was changed. "
+                            "Check its lora_A/lora_B for NaN/Inf or overflow in the weight's dtype.")
+    for layer, target in plans.values():
+        if target:
+            layer.commit_merge(target)
+
+
+def unmerge(model: nn.Module, names=None) -> nn.Module:
+    """Take merged LoRA updates out again, restoring each base weight bit-exactly. Idempotent.
+
+    ``names``: the adapters to take out (a name or a list), default all; the others stay merged.
+    """
+    bare = unwrap(model)
+    refuse_in_context(bare, "unmerge")
+    layers = require_lora(bare, "unmerge")
+    if names is not None:
+        names = [names] if isinstance(names, str) else names
+        present = list(dict.fromkeys(n for layer in layers.values() for n in layer.lora_settings))
+        if not isinstance(names, (list, tuple)) or not all(isinstance(n, str) and n in present for n in names):
+            raise PeftliteError(f"names={names!r}: expected LoRA adapter names of this model ({present}), or None "
+                                "for all.")
+    plans = {}
+    for path, layer in layers.items():
+        if layer.merged:
+            keep = [n for n in layer.lora_merge.names if names is not None and n not in names]
+            if keep != list(layer.lora_merge.names):
+                plans[path] = layer, keep
+    remerge(plans, "unmerge")
     return model
 
 
-def unload(model: nn.Module, merge: bool = True) -> nn.Module:
+def unload(model: nn.Module, merge: bool = True, names=None) -> nn.Module:
     """Take every peftlite module out of ``model``, in place, and return the bare model.
 
     Each LoRA layer gets its original class back (``nn.Linear``, ``Conv1D``, ...): with
-    ``merge=True`` holding the merged weight, with ``merge=False`` the original weight (unmerged
-    first if needed). Bottleneck adapters and the prefix cannot be merged: they are removed and
+    ``merge=True`` holding the weight with adapters ``names`` merged (default: the active ones,
+    as :func:`merge`; other adapters are dropped), with ``merge=False`` the original weight
+    (unmerged first if needed). Bottleneck adapters and the prefix cannot be merged: they are removed and
     their modules left as before ``inject`` (save them with ``save_adapter`` first to keep them).
     The result's ``state_dict()`` has exactly the keys and shapes the model had before
     ``inject``. Parameters stay frozen as ``inject`` left them. If ``model`` is itself an
     ``Adapter``, the module it wrapped is returned instead.
     """
     bare = unwrap(model)
+    refuse_in_context(bare, "unload")
     if not isinstance(merge, bool):
         raise PeftliteError(f"merge={merge!r}: expected True (fold the adapters in) or False (drop them).")
+    if names is not None and not merge:
+        raise PeftliteError(f"names={names!r} picks the adapters to merge; with merge=False every adapter is dropped.")
     layers, adapters = lora_layers(bare), adapter_modules(bare)
     if not layers and not adapters and prefix_attach.prefix_encoder(bare) is None:
         raise PeftliteError("unload: the model has no LoRA layers, adapters or prefix. Call peftlite.inject(model) "
                             "or peftlite.load_adapter(model, directory) first.")
-    if layers:
-        (merge_all if merge else unmerge)(bare)
+    if layers and merge and (names is not None or any(layer.lora_active for layer in layers.values())):
+        merge_all(bare, names)
+        wanted = merge_names(bare, layers, names)
+        present = dict.fromkeys(n for layer in layers.values() for n in layer.lora_settings)
+        unmerge(bare, [n for n in present if n not in wanted])  # what was merged beyond them is dropped
+    elif layers:
+        unmerge(bare)
     if prefix_attach.prefix_encoder(bare) is not None:
         prefix_attach.remove_prefix(bare)
     for layer in layers.values():

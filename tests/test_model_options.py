@@ -94,13 +94,3 @@ def test_wrapped_entry_points_check_what_they_are_given(tmp_path):
         peftlite.save_adapter(model, tmp_path, method="dora")
     assert_unchanged(model, before)
     assert not any(tmp_path.iterdir())
-
-
-def test_a_second_adapter_name_on_a_layer_is_refused_for_now():
-    model = peftlite.inject(TinyMLP(), rank=2, targets=["fc1"])
-    before = snapshot(model)
-    with pytest.raises(PeftliteError, match="already has LoRA adapter.*'default'.*one adapter per module"):
-        peftlite.inject(model, rank=2, targets=["fc1"], name="second")
-    assert_unchanged(model, before)
-    peftlite.inject(model, rank=2, targets=["fc2"], name="second")  # another layer may hold another name
-    assert list(model.fc2.lora_settings) == ["second"] and "fc2.lora_A.second" in model.state_dict()
