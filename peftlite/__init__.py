@@ -1,5 +1,7 @@
 """peftlite: small, fast, exact parameter-efficient fine-tuning layers for PyTorch."""
 
+from .adapters import (active_adapters, adapter_names, adapter_per_row, delete_adapter, disable_adapters, set_adapter,
+                       summary)
 from .bottleneck import Adapter
 from .errors import PeftliteError
 from .io import load_adapter, save_adapter
@@ -7,6 +9,7 @@ from .lora import LoRALayer, LoRALinear
 from .model import inject, merge, unload, unmerge
 from .prefix import PrefixEncoder
 
-__all__ = ["Adapter", "LoRALayer", "LoRALinear", "PeftliteError", "PrefixEncoder", "inject", "load_adapter", "merge",
-           "save_adapter", "unload", "unmerge"]
+__all__ = ["Adapter", "LoRALayer", "LoRALinear", "PeftliteError", "PrefixEncoder", "active_adapters", "adapter_names",
+           "adapter_per_row", "delete_adapter", "disable_adapters", "inject", "load_adapter", "merge", "save_adapter",
+           "set_adapter", "summary", "unload", "unmerge"]
 __version__ = "0.1.0"

@@ -233,7 +233,7 @@ CALLS = {
     "save absent method": (injected, lambda m, t: peftlite.save_adapter(m, t / "out", method="prefix"),
                            "method='prefix': the model has no such adapter"),
     "save name": (injected, lambda m, t: peftlite.save_adapter(m, t / "out", name="other"),
-                  "no LoRA layer holds an adapter named 'other'"),
+                  "the model has no adapter named 'other'"),
     "save bad name": (injected, lambda m, t: peftlite.save_adapter(m, t / "out", name="a/b"), "name='a/b'"),
     "save nothing": (mlp, lambda m, t: peftlite.save_adapter(m, t / "out"), "save_adapter: the model has no LoRA"),
     "save into a file": (injected, lambda m, t: peftlite.save_adapter(m, a_file(t)), "could not write the adapter"),

@@ -88,7 +88,7 @@ def test_wrapped_entry_points_check_what_they_are_given(tmp_path):
         peftlite.unload(model, merge="no")
     with pytest.raises(PeftliteError, match="directory=3: expected a path"):
         peftlite.save_adapter(model, 3)
-    with pytest.raises(PeftliteError, match="no LoRA layer holds an adapter named 'other'"):
+    with pytest.raises(PeftliteError, match="the model has no adapter named 'other'"):
         peftlite.save_adapter(model, tmp_path, name="other")
     with pytest.raises(PeftliteError, match="method='dora'"):
         peftlite.save_adapter(model, tmp_path, method="dora")

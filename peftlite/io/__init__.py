@@ -33,43 +33,71 @@ KEY_PREFIX = {"LORA": "base_model.model.", bottleneck_format.PEFT_TYPE: "base_mo
 METHODS = ("lora", "adapter", "prefix")
 
 
-def save_adapter(model: nn.Module, directory, method: str | None = None, name: str = "default") -> Path:
-    """Write the model's adapter weights and config to ``directory`` (created if needed), atomically; return it.
+def save_adapter(model: nn.Module, directory, method: str | None = None, name: str | None = None) -> Path:
+    """Write the model's adapters (weights and config) to ``directory`` (created if needed), atomically; return it.
 
-    Files: ``adapter_model.safetensors`` and ``adapter_config.json``. LoRA and prefix tuning are
-    loadable by ``peft.PeftModel.from_pretrained(base_model, directory)`` and by
-    :func:`load_adapter`; bottleneck adapters by :func:`load_adapter`. One method and one
-    adapter (``name``) per directory, as in PEFT: a model with several methods needs
-    ``method="lora" | "adapter" | "prefix"``. LoRA is saved as trained, whether or not it is
-    merged; trained heads (``inject(trainable=...)``) and leaf modules whose own parameters were
-    made trainable are saved whole, as PEFT's ``modules_to_save``. A reparameterized prefix is
-    saved as the table it produces. A wrapped model (DDP, ``torch.compile``) is saved with the keys
-    of the bare model.
+    Files: ``adapter_model.safetensors`` and ``adapter_config.json`` per adapter. LoRA and prefix
+    tuning are loadable by ``peft.PeftModel.from_pretrained(base_model, directory)`` and by
+    :func:`load_adapter`; bottleneck adapters by :func:`load_adapter`. One adapter holds one
+    method, as in PEFT. A model with one adapter has it written at the root, whatever its name;
+    with several, PEFT's layout: ``default`` at the root, every other name in
+    ``<directory>/<name>/``. ``name=`` writes that adapter alone, at the root; ``method=``
+    (``"lora" | "adapter" | "prefix"``) keeps adapters of that method only, and is needed for a
+    name that two methods share. LoRA is saved as trained, whether or not it is merged; trained
+    heads (``inject(trainable=...)``) and leaf modules whose own parameters were made trainable are
+    saved whole in every adapter directory, as PEFT's ``modules_to_save``. A reparameterized prefix
+    is saved as the table it produces. A wrapped model (DDP, ``torch.compile``) is saved with the
+    keys of the bare model. Every payload is built and checked before the first file is written;
+    each adapter's directory is then written atomically.
     """
     model = unwrap(model)
-    check_adapter_name(name)
     refuse_meta(model, "save_adapter")
-    present = present_methods(model)
-    if not present:
-        require_lora(model, "save_adapter")
     if method is not None and method not in METHODS:
         raise PeftliteError(f"method={method!r}: expected one of {', '.join(map(repr, METHODS))}, or None.")
-    if method is None and len(present) > 1:
-        raise PeftliteError(f"the model has {' and '.join(present)}; a directory holds one method, as in PEFT. Save "
-                            "each in its own directory: save_adapter(model, 'out/lora', method='lora'), ...")
-    method = present[0] if method is None else method
-    if method not in present:
-        raise PeftliteError(f"method={method!r}: the model has no such adapter; it has {', '.join(present)}.")
-    if method == "lora":
-        tensors, config = lora_payload(model, name)
-    else:
-        tensors, config = (bottleneck_format if method == "adapter" else prefix_format).payload(model)
-    whole = saved_modules.trained_modules(model)
-    tensors.update(saved_modules.tensors(whole, KEY_PREFIX[config["peft_type"]]))
-    config["modules_to_save"] = sorted(whole) or None
+    held = adapter_methods(model)
+    if not held:
+        require_lora(model, "save_adapter")
+    if name is not None:
+        check_adapter_name(name)
+        if name not in held:
+            raise PeftliteError(f"save_adapter: the model has no adapter named {name!r}; its adapters are "
+                                f"{list(held)}.")
+        held = {name: held[name]}
+    if method is not None:
+        held = {n: [m for m in methods if m == method] for n, methods in held.items()}
+        held = {n: methods for n, methods in held.items() if methods}
+        if not held:
+            raise PeftliteError(f"method={method!r}: the model has no such adapter"
+                                f"{'' if name is None else f' named {name!r}'}; it has "
+                                f"{', '.join(present_methods(model))}.")
+    for n, methods in held.items():
+        if len(methods) > 1:
+            raise PeftliteError(f"adapter {n!r} has {' and '.join(methods)}; a directory holds one method, as in "
+                                "PEFT. Save each on its own: save_adapter(model, 'out/lora', method='lora'), ...")
     directory = as_path(directory)
-    write_adapter(directory, tensors, config)
+    whole = saved_modules.trained_modules(model)
+    writes = []
+    for n, (method_n,) in held.items():
+        tensors, config = payload(model, method_n, n)
+        tensors.update(saved_modules.tensors(whole, KEY_PREFIX[config["peft_type"]]))
+        config["modules_to_save"] = sorted(whole) or None
+        folder = directory if len(held) == 1 or n == "default" else directory / n
+        writes.append((folder, tensors, config))
+    for folder, tensors, config in writes:
+        write_adapter(folder, tensors, config)
     return directory
+
+
+def adapter_methods(model: nn.Module) -> dict[str, list[str]]:
+    """``{adapter name: its methods}`` in the model's order."""
+    from ..adapters import bottleneck_names, lora_names, prefix_names
+
+    found: dict[str, list[str]] = {}
+    for method, names in (("lora", lora_names(model)), ("adapter", bottleneck_names(model)),
+                          ("prefix", prefix_names(model))):
+        for n in names:
+            found.setdefault(n, []).append(method)
+    return found
 
 
 def present_methods(model: nn.Module) -> list[str]:
@@ -78,31 +106,81 @@ def present_methods(model: nn.Module) -> list[str]:
     return [method for method, here in found.items() if here]
 
 
-def lora_payload(model: nn.Module, name: str) -> tuple[dict, dict]:
+def payload(model: nn.Module, method: str, name: str) -> tuple[dict, dict]:
+    if method == "adapter":
+        return bottleneck_format.payload(model, name)
+    if method == "prefix":
+        return prefix_format.payload(model)
     layers = {path: layer for path, layer in lora_format.lora_layers(model).items() if name in layer.lora_settings}
-    if not layers:
-        raise PeftliteError(f"save_adapter: no LoRA layer holds an adapter named {name!r}.")
     if "" in layers:
         raise PeftliteError("save_adapter needs a model that contains the LoRA layer, not the layer itself.")
     return lora_format.adapter_tensors(layers, name), lora_format.build_config(model, layers, name)
 
 
-def load_adapter(model: nn.Module, directory, name: str = "default") -> nn.Module:
-    """Load an adapter saved by :func:`save_adapter` or by PEFT (LoRA, prefix tuning) into ``model``, in place.
+def load_adapter(model: nn.Module, directory, name: str | None = None) -> nn.Module:
+    """Load adapters saved by :func:`save_adapter` or by PEFT (LoRA, prefix tuning) into ``model``, in place.
 
-    LoRA: layers without LoRA yet get adapter ``name`` with the rank, alpha, rslora and dropout of
-    the file (float32 adapters on 16-bit bases); layers already holding adapter ``name`` must have
-    the file's rank and get its values. Every target is checked as ``inject`` checks it. Modules
-    in the config's ``modules_to_save`` get the file's values and train, as trained heads.
-    Prefix tuning: the model gets ``model.prefix_encoder`` (or, if it has one of the same shape,
-    new values). Bottleneck adapters: the named modules are wrapped (or refilled). The whole file
-    is checked before anything changes. Every other parameter is frozen, as by ``inject``.
-    Returns ``model``.
+    ``directory`` holds one adapter (loaded as ``name``, default ``"default"``) or PEFT's
+    multi-adapter layout (one at the root, loaded as ``"default"``, and one per subfolder holding an
+    ``adapter_config.json``, loaded under the folder's name): ``name=None`` loads them all, a
+    ``name`` with its own subfolder loads that one. Loaded adapters join the active set, as
+    injected ones do (``set_adapter`` picks).
+
+    LoRA: layers without adapter ``name`` get it with the rank, alpha, rslora and dropout of the
+    file (float32 adapters on 16-bit bases). Layers already holding ``name`` are hot-swapped: the
+    file must adapt exactly those layers with the same ranks; the values are copied in place
+    (a compiled model does not recompile) and, where the file's alpha differs, its scaling is
+    folded into B so that the layer's own alpha keeps applying. Every target is checked as
+    ``inject`` checks it. Modules in the config's ``modules_to_save`` get the file's values and
+    train, as trained heads. Prefix tuning: the model gets ``model.prefix_encoder`` (or, if it has
+    one of the same shape, new values). Bottleneck adapters: the named modules are wrapped (or
+    refilled). Every file is checked before anything changes. Every other parameter is frozen,
+    as by ``inject``. Returns ``model``.
     """
+    from ..model import refuse_in_context
+
     bare = unwrap(model)
-    check_adapter_name(name)
+    refuse_in_context(bare, "load_adapter")
+    if name is not None:
+        check_adapter_name(name)
     refuse_meta(bare, "load_adapter")
     directory = as_path(directory)
+    changes = [plan_directory(bare, folder, adapter) for adapter, folder in adapter_folders(directory, name)]
+    if sum(kind == "PREFIX_TUNING" for kind, _ in changes) > 1:
+        raise PeftliteError(f"{directory}: holds several prefix-tuning adapters; one model holds one prefix. "
+                            "Load one by name=.")
+    for _, change in changes:
+        change()
+    freeze_all_but_adapters(bare)
+    sync_fast_path_guards(bare, is_adapted)
+    return model
+
+
+def adapter_folders(directory: Path, name: str | None) -> list[tuple[str, Path]]:
+    """``[(adapter name, folder)]`` that ``load_adapter(model, directory, name)`` reads."""
+    if name is not None:
+        sub = directory / name
+        return [(name, sub if (sub / CONFIG_NAME).is_file() else directory)]
+    found = [("default", directory)] if (directory / CONFIG_NAME).is_file() else []
+    subfolders = sorted(d for d in directory.iterdir() if d.is_dir() and (d / CONFIG_NAME).is_file()) \
+        if directory.is_dir() else []
+    for folder in subfolders:
+        try:
+            check_adapter_name(folder.name)
+        except PeftliteError:
+            raise PeftliteError(f"{folder}: holds an adapter, but its folder name is not an adapter name (letters, "
+                                "digits, '_' and '-'); rename the folder, or load it on its own with "
+                                "load_adapter(model, folder, name=...).") from None
+        if folder.name == "default" and found:
+            raise PeftliteError(f"{folder}: a subfolder named 'default' beside an adapter at the root; both would be "
+                                "adapter 'default'. Load one by path.")
+        found.append((folder.name, folder))
+    return found or [("default", directory)]  # reading the missing config raises the usual error
+
+
+def plan_directory(bare: nn.Module, directory: Path, name: str):
+    """Read and check one adapter folder against the model; return ``(peft_type, change)``: the change (a
+    callable) loads it. Changes nothing itself."""
     config_path = directory / CONFIG_NAME
     config = read_config(config_path)
     tensors, metadata = read_weights(directory)
@@ -116,12 +194,13 @@ def load_adapter(model: nn.Module, directory, name: str = "default") -> nn.Modul
     values = saved_modules.plan(bare, heads, whole, source, KEY_PREFIX[kind])
     if kind == "LORA":
         plan = lora_format.plan_load(bare, config, rest, source, name, heads)
-        check_same_save(directory, config, metadata)
-        lora_format.apply_load(plan, bare)
-    else:  # these check the whole file before changing the model
-        (prefix_format if kind == "PREFIX_TUNING" else bottleneck_format).load(
-            bare, config, rest, source, before_change=lambda: check_same_save(directory, config, metadata))
-    saved_modules.apply(bare, values, heads)
-    freeze_all_but_adapters(bare)
-    sync_fast_path_guards(bare, is_adapted)
-    return model
+        load = lambda: lora_format.apply_load(plan, bare)  # noqa: E731
+    else:
+        load = (prefix_format if kind == "PREFIX_TUNING" else bottleneck_format).load(bare, config, rest, source,
+                                                                                      name)
+    check_same_save(directory, config, metadata)
+
+    def change() -> None:
+        load()
+        saved_modules.apply(bare, values, heads)
+    return kind, change

@@ -10,40 +10,42 @@ from torch import nn
 
 from ..bottleneck import Adapter, adapter_sizes, check_adapter_options
 from ..errors import PeftliteError
-from ..model import replace
+from ..model import check_another_bottleneck, replace
 from .lora_format import PREFIX
 
 PEFT_TYPE = "BOTTLENECK_ADAPTER"
 
 
-def options(adapter: Adapter) -> dict:
-    bottleneck = adapter.bottleneck
+def options(adapter: Adapter, name: str) -> dict:
+    bottleneck = adapter.adapter[name]
     return {"dim": adapter.dim, "bottleneck": bottleneck.down.out_features, "activation": bottleneck.activation,
             "mode": adapter.mode, "scaling": bottleneck.scaling, "init": bottleneck.init,
             "dropout": bottleneck.dropout.p if isinstance(bottleneck.dropout, nn.Dropout) else 0.0}
 
 
-def payload(model: nn.Module) -> tuple[dict, dict]:
-    adapters = {name: m for name, m in model.named_modules() if isinstance(m, Adapter)}
+def payload(model: nn.Module, name: str) -> tuple[dict, dict]:
+    """``(tensors, config)`` of bottleneck adapter ``name`` (keys without the name, as PEFT strips it)."""
+    adapters = {path: m for path, m in model.named_modules() if isinstance(m, Adapter) and name in m.adapter}
     if "" in adapters:
         raise PeftliteError("save_adapter needs the model that contains the Adapter, not the Adapter itself.")
-    tensors = {f"{PREFIX}{name}.adapter.{key}": tensor.detach().to("cpu").contiguous()
-               for name, adapter in adapters.items() for key, tensor in adapter.bottleneck.state_dict().items()}
-    config = {"peft_type": PEFT_TYPE, "task_type": None, "modules": {n: options(a) for n, a in adapters.items()}}
+    tensors = {f"{PREFIX}{path}.adapter.{key}": tensor.detach().to("cpu").contiguous()
+               for path, adapter in adapters.items() for key, tensor in adapter.adapter[name].state_dict().items()}
+    config = {"peft_type": PEFT_TYPE, "task_type": None,
+              "modules": {path: options(a, name) for path, a in adapters.items()}}
     return tensors, config
 
 
-def load(model: nn.Module, config: dict, tensors: dict, source, before_change=lambda: None) -> None:
-    """Check every module, key and shape, call ``before_change`` (the caller's last check), then wrap what needs
-    wrapping and copy the values in."""
+def load(model: nn.Module, config: dict, tensors: dict, source, name: str = "default"):
+    """Check every module, key and shape against the model; return the change (a callable) that wraps what
+    needs wrapping, adds or refills bottleneck ``name`` and copies the values in. Changes nothing itself."""
     modules = config.get("modules")
     if not isinstance(modules, dict) or not modules:
         raise PeftliteError(f"{source}: 'modules' must map module names to adapter options.")
     if "" in modules:
         raise PeftliteError(f"{source}: 'modules' names the root module (''); a bottleneck adapter wraps a "
                             "submodule of the model.")
-    plans = {name: plan(model, name, opts, source) for name, opts in modules.items()}
-    expected = {f"{PREFIX}{name}.adapter.{key}": shape for name, (_, shapes) in plans.items()
+    plans = {path: plan(model, path, opts, source, name) for path, opts in modules.items()}
+    expected = {f"{PREFIX}{path}.adapter.{key}": shape for path, (_, shapes) in plans.items()
                 for key, shape in shapes.items()}
     for key in sorted(set(tensors) | set(expected)):
         if key not in expected:
@@ -55,40 +57,51 @@ def load(model: nn.Module, config: dict, tensors: dict, source, before_change=la
         if tuple(tensors[key].shape) != expected[key]:
             raise PeftliteError(f"shape mismatch for '{key}': file has {tuple(tensors[key].shape)}, the model and "
                                 f"config need {expected[key]}.")
-    before_change()
-    replace(model, {name: Adapter(model.get_submodule(name), **opts) for name, (opts, _) in plans.items()
-                    if not isinstance(model.get_submodule(name), Adapter)})
-    with torch.no_grad():
-        for name in plans:
-            state = model.get_submodule(name).bottleneck.state_dict(keep_vars=True)
-            for key, tensor in state.items():
-                tensor.copy_(tensors[f"{PREFIX}{name}.adapter.{key}"])
+
+    def apply() -> None:
+        replace(model, {path: Adapter(model.get_submodule(path), **opts, name=name)
+                        for path, (opts, _) in plans.items() if not isinstance(model.get_submodule(path), Adapter)})
+        for path, (opts, _) in plans.items():
+            module = model.get_submodule(path)
+            if name not in module.adapter:
+                sizes = {key: opts[key] for key in ("activation", "scaling", "dropout", "init") if key in opts}
+                module.add(name, tensors[f"{PREFIX}{path}.adapter.down.weight"].shape[0], **sizes)
+            with torch.no_grad():
+                for key, tensor in module.adapter[name].state_dict(keep_vars=True).items():
+                    tensor.copy_(tensors[f"{PREFIX}{path}.adapter.{key}"])
+    return apply
 
 
-def plan(model: nn.Module, name: str, opts, source) -> tuple[dict, dict]:
+def plan(model: nn.Module, path: str, opts, source, name: str) -> tuple[dict, dict]:
     """``(constructor options, {state key: shape})`` for one module; raises if it cannot take the adapter."""
     try:
-        module = model.get_submodule(name)
+        module = model.get_submodule(path)
     except AttributeError:
-        raise PeftliteError(f"{source}: the model has no module '{name}'. Is this adapter for another model?") from None
+        raise PeftliteError(f"{source}: the model has no module '{path}'. Is this adapter for another model?") from None
     if not isinstance(opts, dict):
-        raise PeftliteError(f"{source}: options of '{name}' must be a JSON object.")
+        raise PeftliteError(f"{source}: options of '{path}' must be a JSON object.")
     allowed = {"dim", "bottleneck", "activation", "mode", "scaling", "dropout", "init"}
     opts = {key: value for key, value in opts.items() if key in allowed}
     try:
         check_adapter_options(opts.get("dim"), opts.get("bottleneck"), 16, opts.get("activation", "relu"),
                               opts.get("mode", "sequential"), opts.get("scaling", 1.0), opts.get("dropout", 0.0),
                               opts.get("init", "default"))
-        if isinstance(module, Adapter):
-            if any(options(module)[key] != value for key, value in opts.items() if key != "dropout"):
-                raise PeftliteError(f"it already has an adapter with other options ({options(module)}); call "
-                                    "peftlite.unload(model) first")
-            dim, bottleneck = module.dim, module.bottleneck.down.out_features
+        if isinstance(module, Adapter) and name in module.adapter:
+            held = options(module, name)
+            if any(held[key] != value for key, value in opts.items() if key != "dropout"):
+                raise PeftliteError(f"it already has adapter {name!r} with other options ({held}); remove it "
+                                    "first with peftlite.delete_adapter(model, name)")
+            dim, bottleneck = module.dim, module.adapter[name].down.out_features
+        elif isinstance(module, Adapter):
+            check_another_bottleneck(module, name, opts.get("dim"), opts.get("bottleneck"), 16,
+                                     opts.get("mode", "sequential"))
+            dim = module.dim
+            bottleneck = opts.get("bottleneck") if opts.get("bottleneck") is not None else dim // 16
         else:
             dim, bottleneck = adapter_sizes(module, opts.get("dim"), opts.get("bottleneck"), 16,
                                             opts.get("mode", "sequential"))
     except PeftliteError as err:
-        raise PeftliteError(f"{source}: module '{name}': {err}") from None
+        raise PeftliteError(f"{source}: module '{path}': {err}") from None
     shapes = {"down.weight": (bottleneck, dim), "down.bias": (bottleneck,), "up.weight": (dim, bottleneck),
               "up.bias": (dim,)}
     if opts.get("scaling") in ("learned", "channel"):

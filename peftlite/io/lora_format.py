@@ -15,7 +15,7 @@ same target and kind checks ``inject`` uses (:func:`plan_load`), and only then c
 import math
 import re
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import nn
@@ -236,6 +236,7 @@ def plan_load(model: nn.Module, config: dict, tensors: dict, source: str, name: 
     drop_aliases(plan, source)
     check_fan_in_fan_out(config, plan, source)
     check_complete(model, config, set(pairs), name, source)
+    check_hot_swap(plan, name, source)
     others, plan.base = base_layer_values(plan, others, source)
     if others:
         raise PeftliteError(f"{source}: unexpected key '{sorted(others)[0]}'; expected LoRA keys "
@@ -369,15 +370,36 @@ def check_complete(model: nn.Module, config: dict, present: set[str], name: str,
                             f"config, or already holding adapter {name!r} in the model).")
 
 
+def check_hot_swap(plan: LoadPlan, name: str, source: str) -> None:
+    """Loading over an adapter the model holds replaces its values in place: the same layers, or none."""
+    fresh = sorted(path for path, layer in plan.layers.items() if layer.add is not None)
+    if fresh and len(fresh) != len(plan.layers):
+        raise PeftliteError(f"{source}: the model already holds adapter {name!r}, so loading replaces its values in "
+                            f"place, but the file also adapts '{fresh[0]}', which {name!r} does not; a different "
+                            "target set is another adapter. Load it under another name, or "
+                            "peftlite.delete_adapter(model, name) first.")
+
+
 def apply_load(plan: LoadPlan, model: nn.Module) -> None:
-    """Mutate: add the new adapters, set every layer's settings and values, fill the saved modules."""
+    """Mutate: add the new adapters or refill held ones in place, set their values, fill the saved modules.
+
+    A refilled layer keeps its settings object where the file's are equal; where alpha or rslora
+    differ, B is stored as ``B * scaling_file / scaling_layer`` (one rounding) so the layer's own
+    scaling computes the file's delta and compiled graphs, which read the scaling as a constant,
+    stay valid. A different dropout replaces the settings (it acts in training only).
+    """
     for layer in plan.layers.values():
         if layer.add is not None:
             add_lora(layer.module, *layer.add)
-        layer.module.lora_settings[plan.name] = layer.settings
+        held = layer.module.lora_settings[plan.name]
+        lora_B = layer.lora_B
+        if (held.alpha, held.rslora) != (layer.settings.alpha, layer.settings.rslora):
+            lora_B = lora_B.double() * (layer.settings.scaling / held.scaling)
+        if held.dropout != layer.settings.dropout:
+            layer.module.lora_settings[plan.name] = replace(held, dropout=layer.settings.dropout)
         with torch.no_grad():
             layer.module.lora_A[plan.name].copy_(layer.lora_A)
-            layer.module.lora_B[plan.name].copy_(layer.lora_B)
+            layer.module.lora_B[plan.name].copy_(lora_B)
     with torch.no_grad():
         for slot, value in plan.base.values():
             slot.copy_(value)

@@ -42,9 +42,9 @@ def payload(model: nn.Module) -> tuple[dict, dict]:
     return {KEY: table}, config
 
 
-def load(model: nn.Module, config: dict, tensors: dict, source, before_change=lambda: None) -> None:
-    """Check the file against the model, call ``before_change`` (the caller's last check), then install (or
-    refill) the prefix. Raises before changing anything."""
+def load(model: nn.Module, config: dict, tensors: dict, source, name: str = "default"):
+    """Check the file against the model; return the change (a callable) that installs prefix ``name`` (or
+    refills the model's prefix of that name). Changes nothing itself."""
     extra = sorted(set(tensors) - {KEY})
     if KEY not in tensors or extra:
         raise PeftliteError(f"{source}: expected exactly one tensor '{KEY}' for prefix tuning, found "
@@ -65,20 +65,28 @@ def load(model: nn.Module, config: dict, tensors: dict, source, before_change=la
     encoder = attach.prefix_encoder(model)
     if encoder is None:
         modules = [(n, m) for n, m in model.named_modules() if n]
-        names = config.get("peftlite_targets") or default_attention(modules)
-        shape = attach.plan_prefix(model, names, prefix_len, None)
-        check_shape(source, len(names), shape, layers, heads, width)
-        before_change()
-        encoder = attach.install_prefix(model, names, shape, prefix_len, None)
+        targets = config.get("peftlite_targets") or default_attention(modules)
+        shape = attach.plan_prefix(model, targets, prefix_len, None)
+        check_shape(source, len(targets), shape, layers, heads, width)
     else:
+        held = next(iter(model._modules[attach.SLOT]))
+        if held != name:
+            raise PeftliteError(f"{source}: the model already has prefix {held!r}, and one model holds one prefix; "
+                                f"load this one as name={held!r} to replace its values, or delete it first.")
         check_shape(source, encoder.num_layers, (encoder.num_heads, encoder.head_dim), layers, heads, width)
         if encoder.prefix_len != prefix_len:
             raise PeftliteError(f"{source}: prefix_len {prefix_len}, the model's prefix has {encoder.prefix_len}. "
                                 "Call peftlite.unload(model) first to load a different prefix.")
-        before_change()
-        encoder.eject()
-    with torch.no_grad():
-        encoder.prefix.copy_(table)
+
+    def apply() -> None:
+        installed = encoder
+        if installed is None:
+            installed = attach.install_prefix(model, targets, shape, prefix_len, None, name)
+        else:
+            installed.eject()
+        with torch.no_grad():
+            installed.prefix.copy_(table)
+    return apply
 
 
 def check_shape(source, count: int, shape: tuple[int, int], layers: int, heads: int, width: int) -> None:
