@@ -13,6 +13,7 @@ prefix per model, which stays on: it is listed and deleted by name, but cannot b
 """
 
 import contextlib
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -27,22 +28,24 @@ from .ops.row_mix import RowMix
 from .prefix import attach as prefix_attach
 
 
-def lora_names(model: nn.Module) -> list[str]:
-    return list(dict.fromkeys(n for layer in lora_layers(model).values() for n in layer.lora_settings))
+def lora_names(model: nn.Module, layers=None) -> list[str]:
+    layers = lora_layers(model) if layers is None else layers
+    return list(dict.fromkeys(n for layer in layers.values() for n in layer.lora_settings))
 
 
-def bottleneck_names(model: nn.Module) -> list[str]:
-    return list(dict.fromkeys(n for adapter in adapter_modules(model).values() for n in adapter.adapter))
+def bottleneck_names(model: nn.Module, wrappers=None) -> list[str]:
+    wrappers = adapter_modules(model) if wrappers is None else wrappers
+    return list(dict.fromkeys(n for adapter in wrappers.values() for n in adapter.adapter))
 
 
 def prefix_names(model: nn.Module) -> list[str]:
     return list(model._modules[prefix_attach.SLOT]) if prefix_attach.prefix_encoder(model) is not None else []
 
 
-def adapter_names(model: nn.Module) -> list[str]:
+def adapter_names(model: nn.Module, layers=None, wrappers=None) -> list[str]:
     """Every adapter name in ``model`` (LoRA, bottleneck, prefix), in the order they first appear."""
     bare = unwrap(model)
-    return list(dict.fromkeys([*lora_names(bare), *bottleneck_names(bare), *prefix_names(bare)]))
+    return list(dict.fromkeys([*lora_names(bare, layers), *bottleneck_names(bare, wrappers), *prefix_names(bare)]))
 
 
 def active_adapters(model: nn.Module) -> list[str]:
@@ -53,10 +56,10 @@ def active_adapters(model: nn.Module) -> list[str]:
     return [n for n in adapter_names(bare) if n in active or n in prefix_names(bare)]
 
 
-def check_names(model: nn.Module, names, action: str, allow_none: bool = False) -> list:
+def check_names(model: nn.Module, names, action: str, allow_none: bool = False, present=None) -> list:
     """``names`` as a list, each an adapter of the model (or None where ``allow_none``); raises otherwise."""
     names = [names] if isinstance(names, str) else names
-    present = adapter_names(model)
+    present = adapter_names(model) if present is None else present
     if not isinstance(names, (list, tuple)) or not names:
         raise PeftliteError(f"{action}: names={names!r}: expected an adapter name or a non-empty list of them; "
                             f"this model's adapters are {present}.")
@@ -69,15 +72,15 @@ def check_names(model: nn.Module, names, action: str, allow_none: bool = False) 
     return list(names)
 
 
-def require_adapters(model: nn.Module, action: str) -> None:
-    if not adapter_names(model):
+def require_adapters(model: nn.Module, action: str, present=None) -> None:
+    if not (adapter_names(model) if present is None else present):
         raise PeftliteError(f"{action}: the model has no adapters. Call peftlite.inject(model) or "
                             "peftlite.load_adapter(model, directory) first.")
 
 
-def refuse_merged(model: nn.Module, action: str, names=None) -> None:
+def refuse_merged(model: nn.Module, action: str, names=None, layers=None) -> None:
     """Raise if a LoRA layer holds merged adapters (of ``names``, if given)."""
-    for path, layer in lora_layers(model).items():
+    for path, layer in (lora_layers(model) if layers is None else layers).items():
         merged = layer.lora_merge.names if layer.merged else ()
         if any(names is None or n in names for n in merged):
             raise PeftliteError(f"{action}: layer '{path}' holds merged adapter(s) {list(merged)}; call "
@@ -94,37 +97,39 @@ def set_adapter(model: nn.Module, names) -> nn.Module:
     """
     bare = unwrap(model)
     refuse_in_context(bare, "set_adapter")
-    require_adapters(bare, "set_adapter")
-    names = check_names(bare, names, "set_adapter")
+    layers, wrappers = lora_layers(bare), adapter_modules(bare)
+    present = adapter_names(bare, layers, wrappers)
+    require_adapters(bare, "set_adapter", present)
+    names = check_names(bare, names, "set_adapter", present=present)
     if len(set(names)) != len(names):
         raise PeftliteError(f"set_adapter: names={names!r} lists an adapter twice.")
-    refuse_merged(bare, "set_adapter")
+    refuse_merged(bare, "set_adapter", layers=layers)
     left_out = [n for n in prefix_names(bare) if n not in names]
     if left_out:
         raise PeftliteError(f"set_adapter: the model's prefix {left_out[0]!r} is always on and must be among the "
                             "active names; remove it with peftlite.delete_adapter(model, name) instead.")
-    for layer in lora_layers(bare).values():
+    for layer in layers.values():
         layer.lora_active = tuple(n for n in layer.lora_settings if n in names)
-    for adapter in adapter_modules(bare).values():
+    for adapter in wrappers.values():
         adapter.adapter_active = tuple(n for n in adapter.adapter if n in names)
-    train_only(bare, names)
+    train_only(bare, names, layers, wrappers)
     return model
 
 
-def train_only(model: nn.Module, names) -> None:
+def train_only(model: nn.Module, names, layers=None, wrappers=None) -> None:
     """``requires_grad`` of every LoRA and bottleneck parameter: True for adapters in ``names``, else False."""
-    for layer in lora_layers(model).values():
-        for n in layer.lora_settings:
-            for param in (layer.lora_A[n], layer.lora_B[n]):
+    for layer in (lora_layers(model) if layers is None else layers).values():
+        for part in (layer.lora_A, layer.lora_B):
+            for n, param in part.items():
                 param.requires_grad_(n in names)
-    for adapter in adapter_modules(model).values():
+    for adapter in (adapter_modules(model) if wrappers is None else wrappers).values():
         for n, bottleneck in adapter.adapter.items():
             bottleneck.requires_grad_(n in names)
 
 
-def adapter_flags(model: nn.Module) -> list[tuple[torch.Tensor, bool]]:
-    params = [p for layer in lora_layers(model).values() for p in (*layer.lora_A.values(), *layer.lora_B.values())]
-    params += [p for adapter in adapter_modules(model).values() for p in adapter.adapter.parameters()]
+def adapter_flags(layers: dict, wrappers: dict) -> list[tuple[torch.Tensor, bool]]:
+    params = [p for layer in layers.values() for p in (*layer.lora_A.values(), *layer.lora_B.values())]
+    params += [p for adapter in wrappers.values() for p in adapter.adapter.parameters()]
     return [(p, p.requires_grad) for p in params]
 
 
@@ -201,22 +206,28 @@ def adapter_per_row(model: nn.Module, names):
     """
     bare = unwrap(model)
     refuse_in_context(bare, "adapter_per_row")
-    require_adapters(bare, "adapter_per_row")
-    rows = check_names(bare, names, "adapter_per_row", allow_none=True)
+    layers, wrappers = lora_layers(bare), adapter_modules(bare)
+    present = adapter_names(bare, layers, wrappers)
+    require_adapters(bare, "adapter_per_row", present)
+    rows = check_names(bare, names, "adapter_per_row", allow_none=True, present=present)
     prefixed = [n for n in rows if n in prefix_names(bare)]
     if prefixed:
         raise PeftliteError(f"adapter_per_row: {prefixed[0]!r} is a prefix, which applies to the whole batch; "
                             "per-row batches take LoRA and bottleneck adapters.")
-    refuse_merged(bare, "adapter_per_row")
+    refuse_merged(bare, "adapter_per_row", layers=layers)
     chosen = list(dict.fromkeys(n for n in rows if n is not None))
     index = torch.tensor([-1 if n is None else chosen.index(n) for n in rows])  # [B]
-    layers, wrappers = lora_layers(bare), adapter_modules(bare)
-    flags = adapter_flags(bare)
+    flags = adapter_flags(layers, wrappers)
+    shared = {}  # layers holding the same adapters share one mask (each its own cache)
     for layer in layers.values():
-        layer.lora_rows = lora_rows(layer, chosen, index)
+        key = (tuple((n, s.rank, s.dropout) for n, s in layer.lora_settings.items() if n in chosen),
+               layer.weight.device)
+        if key not in shared:
+            shared[key] = lora_rows(layer, chosen, index)
+        layer.lora_rows = dataclasses.replace(shared[key], cache={})
     for adapter in wrappers.values():
         adapter.adapter_rows = bottleneck_rows(adapter, chosen, index)
-    train_only(bare, chosen)
+    train_only(bare, chosen, layers, wrappers)
     try:
         with entered(bare, "adapter_per_row"):
             yield model
@@ -238,14 +249,16 @@ def lora_rows(layer: LoRALayer, chosen: list[str], index: torch.Tensor) -> RowMi
     mask = (index[:, None] == owners[None, :]).to(device)  # [B, R]
     probability = torch.tensor([0.0] + [layer.lora_settings[n].dropout if n in names else 0.0 for n in chosen])
     dropout = probability[index + 1].to(device) if bool(probability.any()) else None  # [B]
-    return RowMix(names, mask, dropout)
+    slots = torch.tensor([names.index(n) if n in names else len(names) for n in chosen] + [len(names)])
+    return RowMix(names, mask, slots[index].to(device), dropout)  # index -1 (None) picks the last: no adapter
 
 
 def bottleneck_rows(adapter: Adapter, chosen: list[str], index: torch.Tensor) -> RowMix:
     names = tuple(n for n in adapter.adapter if n in chosen)
     owners = torch.tensor([chosen.index(n) for n in names], dtype=torch.long)
     device = next(adapter.adapter.parameters()).device
-    return RowMix(names, (index[:, None] == owners[None, :]).to(device), None)  # dropout: each bottleneck's own
+    mask = (index[:, None] == owners[None, :]).to(device)
+    return RowMix(names, mask, mask.long().argmax(1), None)  # dropout: each bottleneck's own
 
 
 def delete_adapter(model: nn.Module, name: str) -> nn.Module:

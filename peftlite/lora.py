@@ -28,10 +28,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import PeftliteError, check_adapter_name, check_flag, check_positive_int, check_probability
-from .kinds import Kind, require_kind
+from .kinds import LINEAR_LIKE, Kind, require_kind
 from .ops import exact_merge
 from .ops.backend import lora_linear
-from .ops.row_mix import dropout_rows, spread
+from .ops.row_mix import GATHER_FROM, dropout_rows, gathered_term, stacked_term, tokens_per_row
 
 INITS = ("default", "gaussian")
 HALF = (torch.float16, torch.bfloat16)
@@ -130,20 +130,19 @@ class LoRALayer(nn.Module):
         return kind.expand(self, kind.shrink(self, x, self.lora_A[name].to(dtype)), lora_B)
 
     def _rows_term(self, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        """Each row's own adapter term: the layer's adapters stacked (ranks side by side) through one
-        shrink and one expand, the columns of other rows' adapters masked to zero in between."""
+        """Each row's own adapter term, in one set of ops for all the layer's adapters (``ops/row_mix.py``):
+        gathered per row for Linear-like layers fed many tokens per row, stacked otherwise."""
         rows = self.lora_rows
         if x.is_floating_point():
             x = x.to(dtype)
             if self.training and self.lora_kind.takes_dropout and rows.dropout is not None:
                 x = dropout_rows(x, rows.dropout)
-        kind = self.lora_kind
-        lora_A = torch.cat([self.lora_A[name].to(dtype) for name in rows.names])
-        lora_B = torch.cat([self.lora_B[name].to(dtype) * self.lora_settings[name].scaling for name in rows.names],
-                           dim=1)
-        t = kind.shrink(self, x, lora_A)
-        t = torch.where(spread(rows.mask, t, kind.rank_axis(t)), t, 0)
-        return kind.expand(self, t, lora_B)
+        lora_A = [self.lora_A[name] for name in rows.names]
+        lora_B = [self.lora_B[name] for name in rows.names]
+        scalings = [self.lora_settings[name].scaling for name in rows.names]
+        if self.lora_kind in LINEAR_LIKE and tokens_per_row(x, rows) >= GATHER_FROM:
+            return gathered_term(x, lora_A, lora_B, scalings, rows)
+        return stacked_term(self.lora_kind, self, x, lora_A, lora_B, scalings, rows, dtype)
 
     def _fused_linear(self, x: torch.Tensor, weight: torch.Tensor, name: str) -> torch.Tensor:
         """``x W^T + b`` plus the low-rank term as one op (``weight`` [out, in], possibly a transposed view);

@@ -54,6 +54,36 @@ def raising(name, module):
     raise KeyError(name)
 
 
+def two_named():
+    model = peftlite.inject(mlp(), rank=2, name="a")
+    peftlite.inject(model, rank=3, targets=["fc1"], name="b")
+    with torch.no_grad():
+        for layer in peftlite.lora.lora_layers(model).values():
+            for b in layer.lora_B.values():
+                b.normal_()
+    return model.eval()
+
+
+def switched(model, name):
+    peftlite.set_adapter(model, name)
+    return model
+
+
+def per_row_call(model, names, x):
+    with peftlite.adapter_per_row(model, names):
+        model(x)
+
+
+def inside_disable(model, call):
+    with peftlite.disable_adapters(model):
+        call()
+
+
+def inside_rows(model, call):
+    with peftlite.adapter_per_row(model, ["a"]):
+        call()
+
+
 CALLS = {
     # inject, LoRA: every option, every wrong type or range
     "rank 0": (mlp, lora(rank=0), "rank=0"),
@@ -258,6 +288,67 @@ CALLS = {
     "load over other rank": (lambda: peftlite.inject(mlp(), rank=3), lambda m, t: peftlite.load_adapter(m, saved(t)),
                              "already has adapter 'default' of rank 3, the file has rank 2"),
     "load over merged": (lambda: merged(injected()), lambda m, t: peftlite.load_adapter(m, saved(t)), "is merged"),
+    # named adapters
+    "set_adapter unknown": (two_named, lambda m, t: peftlite.set_adapter(m, "c"), "'c' is not an adapter"),
+    "set_adapter none": (two_named, lambda m, t: peftlite.set_adapter(m, None), "names=None"),
+    "set_adapter empty": (two_named, lambda m, t: peftlite.set_adapter(m, []), "non-empty list"),
+    "set_adapter twice": (two_named, lambda m, t: peftlite.set_adapter(m, ["a", "a"]), "lists an adapter twice"),
+    "set_adapter int": (two_named, lambda m, t: peftlite.set_adapter(m, [1]), "1 is not an adapter"),
+    "set_adapter merged": (lambda: merged(two_named()), lambda m, t: peftlite.set_adapter(m, "a"), "holds merged"),
+    "set_adapter no adapters": (mlp, lambda m, t: peftlite.set_adapter(m, "a"), "set_adapter: the model has no"),
+    "set_adapter leaves prefix out": (lambda: peftlite.inject(peftlite.inject(tiny_llama(), rank=2, name="a"),
+                                                              method="prefix", name="p"),
+                                      lambda m, t: peftlite.set_adapter(m, "a"), "prefix 'p' is always on"),
+    "disable with prefix": (lambda: peftlite.inject(tiny_llama(), method="prefix"),
+                            lambda m, t: peftlite.disable_adapters(m).__enter__(), "cannot be switched off"),
+    "disable nothing": (mlp, lambda m, t: peftlite.disable_adapters(m).__enter__(), "disable_adapters: the model"),
+    "disable edited merged": (lambda: edited_while_merged("weight"),
+                              lambda m, t: peftlite.disable_adapters(m).__enter__(), "changed while merged"),
+    "per-row unknown": (two_named, lambda m, t: peftlite.adapter_per_row(m, ["a", "z"]).__enter__(),
+                        "'z' is not an adapter"),
+    "per-row string": (two_named, lambda m, t: peftlite.adapter_per_row(m, 5).__enter__(), "names=5"),
+    "per-row merged": (lambda: merged(two_named()), lambda m, t: peftlite.adapter_per_row(m, ["a"]).__enter__(),
+                       "holds merged"),
+    "per-row prefix": (lambda: peftlite.inject(tiny_llama(), method="prefix", name="p"),
+                       lambda m, t: peftlite.adapter_per_row(m, ["p"]).__enter__(), "'p' is a prefix"),
+    "per-row wrong batch": (two_named, lambda m, t: per_row_call(m, ["a", "b", None], torch.randn(2, 12)),
+                            "a per-row batch of 3 rows reached a layer"),
+    "delete unknown": (two_named, lambda m, t: peftlite.delete_adapter(m, "c"), "'c' is not an adapter"),
+    "delete list": (two_named, lambda m, t: peftlite.delete_adapter(m, ["a"]), "expected one adapter name"),
+    "delete merged": (lambda: merged(two_named()), lambda m, t: peftlite.delete_adapter(m, "a"), "holds merged"),
+    "merge names unknown": (two_named, lambda m, t: peftlite.merge(m, names=["c"]), "no LoRA adapter named 'c'"),
+    "merge names type": (two_named, lambda m, t: peftlite.merge(m, names=5), "names=5"),
+    "merge names inactive": (lambda: switched(two_named(), "b"), lambda m, t: peftlite.merge(m, names="a"),
+                             "adapter 'a' is not active"),
+    "merge nothing active": (lambda: switched(peftlite.inject(injected(), method="adapter", targets=["fc1"],
+                                                              name="bn"), "bn"),
+                             lambda m, t: peftlite.merge(m), "no LoRA adapter is active"),
+    "unmerge names unknown": (lambda: merged(two_named()), lambda m, t: peftlite.unmerge(m, names=["c"]),
+                              "names=\\['c'\\]"),
+    "unload names without merge": (two_named, lambda m, t: peftlite.unload(m, merge=False, names=["a"]),
+                                   "with merge=False every adapter is dropped"),
+    "combine unknown": (two_named, lambda m, t: peftlite.combine_adapters(m, {"z": 1.0}, name="c"),
+                        "'z' is not a LoRA adapter"),
+    "combine taken name": (two_named, lambda m, t: peftlite.combine_adapters(m, {"a": 1.0}, name="b"), "is taken"),
+    "combine bad name": (two_named, lambda m, t: peftlite.combine_adapters(m, {"a": 1.0}, name="c.d"), "name='c.d'"),
+    "combine inf weight": (two_named, lambda m, t: peftlite.combine_adapters(m, {"a": math.inf}, name="c"),
+                           "weight of 'a' is inf"),
+    "combine how": (two_named, lambda m, t: peftlite.combine_adapters(m, {"a": 1.0}, name="c", how="magnitude"),
+                    "how='magnitude'"),
+    "combine rank": (two_named, lambda m, t: peftlite.combine_adapters(m, {"a": 1.0}, name="c", how="svd", rank=0),
+                     "rank=0"),
+    "combine seed": (two_named, lambda m, t: peftlite.combine_adapters(m, {"a": 1.0}, name="c", how="dare",
+                                                                        seed=1.5), "seed=1.5"),
+    "combine merged": (lambda: merged(two_named()), lambda m, t: peftlite.combine_adapters(m, {"a": 1.0}, name="c"),
+                       "holds merged"),
+    "inject inside disable": (two_named, lambda m, t: inside_disable(m, lambda: peftlite.inject(m, rank=2, name="c")),
+                              "inject inside peftlite.disable_adapters"),
+    "load inside per-row": (two_named, lambda m, t: inside_rows(m, lambda: peftlite.load_adapter(m, saved(t))),
+                            "load_adapter inside peftlite.adapter_per_row"),
+    "save name of two": (two_named, lambda m, t: peftlite.save_adapter(m, t / "out", name="z"),
+                         "no adapter named 'z'; its adapters are \\['a', 'b'\\]"),
+    "hot swap wider": (lambda: peftlite.inject(mlp(), rank=2, targets=["fc1"]),
+                       lambda m, t: peftlite.load_adapter(m, saved(t)), "also adapts 'fc2'"),
 }
 
 

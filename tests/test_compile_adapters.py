@@ -76,9 +76,10 @@ def test_hot_swapping_an_adapter_does_not_recompile(tmp_path):
         torch.testing.assert_close(compiled(x), expected)
 
 
-def test_a_per_row_batch_compiles_with_fullgraph_forward_and_backward():
+@pytest.mark.parametrize("tokens", [1, 9])  # the stacked and the gathered form
+def test_a_per_row_batch_compiles_with_fullgraph_forward_and_backward(tokens):
     model = two_adapter_mlp()
-    x = torch.randn(4, 12)
+    x = torch.randn(4, tokens, 12)
     rows = ["b", None, "a", "b"]
     with peftlite.adapter_per_row(model, rows):
         eager = model(x)

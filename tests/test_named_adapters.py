@@ -249,19 +249,24 @@ def test_summary_counts_parameters_per_adapter_and_in_all():
 ROW_CASES = [c for c in CASES if c.name in ("Linear", "Conv1D", "Embedding", "Conv2d", "Linear subclass")]
 
 
-def rows_input(case, rows: int, dtype):
+def rows_input(case, rows: int, tokens: int, dtype):
+    """[rows, tokens, ...] for token layers (tokens 1 and 3 take the stacked form, 9 the gathered one)."""
     if case.name == "Embedding":
-        return torch.randint(0, 11, (rows, 3))
+        return torch.randint(0, 11, (rows, tokens))
     shape = case.input(dtype).shape
-    return torch.randn(rows, *shape[1:]).to(dtype)
+    if case.name.startswith("Conv") and case.name != "Conv1D":
+        return torch.randn(rows, *shape[1:]).to(dtype)
+    return torch.randn(rows, tokens, shape[-1]).to(dtype)
 
 
-@settings(max_examples=25, deadline=None)
+@settings(max_examples=40, deadline=None)
 @given(case=st.sampled_from(ROW_CASES), dtype=st.sampled_from([torch.float32, torch.float64, torch.bfloat16]),
-       assignment=st.lists(st.sampled_from(["a", "b", None]), min_size=1, max_size=6), seed=st.integers(0, 99))
-def test_each_row_of_a_mixed_batch_equals_that_row_alone_forward_and_backward(case, dtype, assignment, seed):
+       assignment=st.lists(st.sampled_from(["a", "b", None]), min_size=1, max_size=6),
+       tokens=st.sampled_from([1, 3, 9]), seed=st.integers(0, 99))
+def test_each_row_of_a_mixed_batch_equals_that_row_alone_forward_and_backward(case, dtype, assignment, tokens,
+                                                                              seed):
     host = two_adapters(case, dtype, seed=seed)
-    x = rows_input(case, len(assignment), dtype)
+    x = rows_input(case, len(assignment), tokens, dtype)
     with peftlite.adapter_per_row(host, assignment):
         mixed = host(x)
         g = torch.randn(mixed.shape, generator=torch.Generator().manual_seed(seed)).to(dtype)
@@ -329,7 +334,7 @@ def test_per_row_through_a_llama_matches_each_adapter_alone_and_trains_the_named
         for n, p in model.named_parameters():
             if "lora_B" in n:
                 p.copy_(torch.randn(p.shape, generator=generator) * 0.2)
-    ids = torch.randint(0, 64, (4, 7), generator=generator)
+    ids = torch.randint(0, 64, (4, 9), generator=generator)  # 9 tokens per row: the gathered form
     names = ["b", None, "a", "b"]
     with peftlite.adapter_per_row(model, names):
         assert not model.model.layers[0].self_attn.q_proj.lora_A["c"].requires_grad
@@ -343,6 +348,30 @@ def test_per_row_through_a_llama_matches_each_adapter_alone_and_trains_the_named
             peftlite.set_adapter(model, name)
             alone = model(ids[row:row + 1]).logits
         torch.testing.assert_close(mixed[row:row + 1], alone, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("tokens", [1, 2, 16])
+def test_the_stacked_and_gathered_forms_agree_and_the_cache_follows_parameter_changes(tokens, monkeypatch):
+    import peftlite.lora
+
+    torch.manual_seed(0)
+    host = Host(nn.Linear(10, 6))
+    for name, rank in (("a", 3), ("b", 5)):
+        peftlite.inject(host, rank=rank, name=name, targets=["layer"])
+        nn.init.normal_(host.layer.lora_B[name])
+    x = torch.randn(4, tokens, 10)
+    results = {}
+    for form, threshold in (("stacked", 10**9), ("gathered", 1)):
+        monkeypatch.setattr(peftlite.lora, "GATHER_FROM", threshold)
+        with peftlite.adapter_per_row(host, ["b", "a", None, "b"]), torch.no_grad():
+            first = host(x)
+            host.layer.lora_B["b"].mul_(2)  # an in-place change: the inference cache must not serve stale values
+            results[form] = (first, host(x))
+            host.layer.lora_B["b"].div_(2)
+    for got, want in zip(results["gathered"], results["stacked"]):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(results["stacked"][0][0], results["stacked"][1][0])  # row 0 uses "b": it changed
+    torch.testing.assert_close(results["stacked"][0][1], results["stacked"][1][1])  # row 1 uses "a": it did not
 
 
 def test_per_row_refuses_prefixes_merged_layers_and_unknown_names():
