@@ -32,6 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
 import peftlite  # noqa: E402
+from peftlite.ops.row_mix import GATHER_FROM  # noqa: E402
 
 
 def build(args):
@@ -178,6 +179,35 @@ def copies(ours, theirs, names) -> tuple[dict, dict | None]:
     return models, {"one": one, "rows": theirs}
 
 
+def form_rows(args, names, rows) -> list[dict]:
+    """Where the gathered form overtakes the stacked one (``peftlite.lora.GATHER_FROM``): one adapted
+    Linear (hidden -> 8/3 hidden, the MLP's up projection) under a per-row batch, both forms timed side
+    by side at each number of tokens per row, inference."""
+    import peftlite.lora
+
+    torch.manual_seed(0)
+    host = torch.nn.Sequential(torch.nn.Linear(args.hidden, args.hidden * 8 // 3)).to(args.device)
+    for name in names:
+        peftlite.inject(host, rank=args.rank, name=name)
+    found = []
+    with peftlite.adapter_per_row(host, rows), torch.no_grad():
+        for tokens in (1, 2, 4, 8, 16, 64):
+            x = torch.randn(args.batch, tokens, args.hidden, device=args.device)
+            steps = {}
+            for form, threshold in (("stacked", 10**9), ("gathered", 1)):
+                def step(threshold=threshold):
+                    peftlite.lora.GATHER_FROM = threshold
+                    host(x)
+                steps[form] = step
+            times = common.interleaved(steps, args.rounds, args.warmup)
+            summary = common.summarize(times, "stacked")
+            for form, stats in summary.items():
+                found.append({"mode": "form", "contender": form, "tokens": tokens, "batch": args.batch,
+                              "hidden": args.hidden, "adapters": len(names), "rank": args.rank, **stats})
+    peftlite.lora.GATHER_FROM = GATHER_FROM
+    return found
+
+
 def run(args) -> list[dict]:
     ours, theirs, names = build(args)
     rows = row_names(args, names)
@@ -202,12 +232,14 @@ def run(args) -> list[dict]:
                     {name: times[name], "peft per-row": times["peft per-row"]}, name, "peft per-row")[name][
                     "peft per-row_time_over_this"]
             results.append(row)
+    results += form_rows(args, names, rows)
     models["rows"].eval()
     results.append({"mode": "switch", "contender": "peftlite", **shape, **switch_times(models["rows"], names, rows, 200)})
     return results
 
 
-COLUMNS = [("mode", "<10", "mode"), ("contender", "<22", "contender"), ("median ms", ">10.2f", "median_ms"),
+COLUMNS = [("mode", "<10", "mode"), ("contender", "<22", "contender"), ("tokens", ">6", "tokens"),
+           ("median ms", ">10.2f", "median_ms"),
            ("x base", ">7.3f", "ratio_vs_base"), ("x one", ">7.3f", "ratio_vs_one_adapter"),
            ("PEFT/this", ">9.3f", "peft_time_over_this"), ("switch us", ">9.1f", "set_adapter_us"),
            ("disable us", ">10.1f", "disable_adapters_us"), ("per-row us", ">10.1f", "adapter_per_row_us")]

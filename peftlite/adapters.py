@@ -258,7 +258,8 @@ def bottleneck_rows(adapter: Adapter, chosen: list[str], index: torch.Tensor) ->
     owners = torch.tensor([chosen.index(n) for n in names], dtype=torch.long)
     device = next(adapter.adapter.parameters()).device
     mask = (index[:, None] == owners[None, :]).to(device)
-    return RowMix(names, mask, mask.long().argmax(1), None)  # dropout: each bottleneck's own
+    slot = torch.full(index.shape, len(names), device=device)  # unused by bottlenecks, kept for one RowMix
+    return RowMix(names, mask, slot, None)  # dropout: each bottleneck's own
 
 
 def delete_adapter(model: nn.Module, name: str) -> nn.Module:
