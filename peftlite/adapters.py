@@ -194,12 +194,15 @@ def adapter_per_row(model: nn.Module, names):
 
     Rows are the leading axis of what each layer sees: [B, T, ...] or flattened [B*T, ...]
     (tokens of a row contiguous). The choice holds in forward and backward: each adapter's
-    gradients come from its own rows only, and the adapters named train inside the block (the
-    others are frozen meanwhile). The rows are grouped once, on entry: each LoRA layer then runs
-    all its adapters stacked, ranks side by side, through one pair of products, with a mask
-    (computed here) zeroing other rows' columns; no Python loop over rows or per-layer index
-    lists. Works under ``torch.compile(fullgraph=True)``. LoRA and bottleneck adapters; refused
-    while merged, and for prefixes.
+    gradients come from its own rows only. The rows are grouped once, on entry, into a mask and a
+    slot per row for each layer; each LoRA layer then runs all its adapters in one set of ops,
+    stacked (ranks side by side, other rows' columns masked) or gathered (each row's own A and B,
+    batched products), see ``ops/row_mix.py``; no Python loop over rows, no per-layer index lists.
+    Works under ``torch.compile(fullgraph=True)``; every adapter of a layer takes part (masked when
+    unused), so a compiled model serving one batch after another does not recompile. Entered with
+    gradients enabled (training), the adapters named train and the others are frozen for the
+    block; entered under ``torch.no_grad()`` (serving), no ``requires_grad`` flag changes. LoRA and
+    bottleneck adapters; refused while merged, and for prefixes.
 
     >>> with peftlite.adapter_per_row(model, ["a", "b", None, "a"]):
     ...     logits = model(input_ids).logits      # input_ids: [4, T]
@@ -220,14 +223,14 @@ def adapter_per_row(model: nn.Module, names):
     flags = adapter_flags(layers, wrappers)
     shared = {}  # layers holding the same adapters share one mask (each its own cache)
     for layer in layers.values():
-        key = (tuple((n, s.rank, s.dropout) for n, s in layer.lora_settings.items() if n in chosen),
-               layer.weight.device)
+        key = (tuple((n, s.rank, s.dropout) for n, s in layer.lora_settings.items()), layer.weight.device)
         if key not in shared:
             shared[key] = lora_rows(layer, chosen, index)
         layer.lora_rows = dataclasses.replace(shared[key], cache={})
     for adapter in wrappers.values():
         adapter.adapter_rows = bottleneck_rows(adapter, chosen, index)
-    train_only(bare, chosen, layers, wrappers)
+    if torch.is_grad_enabled():  # a training batch: only its adapters train (serving changes no flag)
+        train_only(bare, chosen, layers, wrappers)
     try:
         with entered(bare, "adapter_per_row"):
             yield model
@@ -241,21 +244,28 @@ def adapter_per_row(model: nn.Module, names):
 
 
 def lora_rows(layer: LoRALayer, chosen: list[str], index: torch.Tensor) -> RowMix:
-    """The layer's stacked columns (its adapters among ``chosen``, ranks side by side) and which row uses which."""
-    names = tuple(n for n in layer.lora_settings if n in chosen)
+    """The layer's stacked columns and which row uses which.
+
+    Every adapter of the layer takes part (columns of adapters no row uses are masked), so a layer's
+    shapes do not depend on the batch's assignment and a compiled model does not recompile from one
+    batch to the next; a layer none of whose adapters any row uses adds nothing (``names`` empty).
+    """
+    settings = layer.lora_settings
+    names = tuple(settings) if any(n in chosen for n in settings) else ()
     device = layer.weight.device
-    owners = torch.tensor([chosen.index(n) for n in names for _ in range(layer.lora_settings[n].rank)],
-                          dtype=torch.long)  # [R]: the adapter of each column
+    owner = [chosen.index(n) if n in chosen else -2 for n in names]  # -2: no row (None rows are -1)
+    owners = torch.tensor([o for o, n in zip(owner, names) for _ in range(settings[n].rank)], dtype=torch.long)
     mask = (index[:, None] == owners[None, :]).to(device)  # [B, R]
-    probability = torch.tensor([0.0] + [layer.lora_settings[n].dropout if n in names else 0.0 for n in chosen])
+    probability = torch.tensor([0.0] + [settings[n].dropout if n in names else 0.0 for n in chosen])
     dropout = probability[index + 1].to(device) if bool(probability.any()) else None  # [B]
     slots = torch.tensor([names.index(n) if n in names else len(names) for n in chosen] + [len(names)])
     return RowMix(names, mask, slots[index].to(device), dropout)  # index -1 (None) picks the last: no adapter
 
 
 def bottleneck_rows(adapter: Adapter, chosen: list[str], index: torch.Tensor) -> RowMix:
-    names = tuple(n for n in adapter.adapter if n in chosen)
-    owners = torch.tensor([chosen.index(n) for n in names], dtype=torch.long)
+    """As :func:`lora_rows`, one column per bottleneck."""
+    names = tuple(adapter.adapter) if any(n in chosen for n in adapter.adapter) else ()
+    owners = torch.tensor([chosen.index(n) if n in chosen else -2 for n in names], dtype=torch.long)
     device = next(adapter.adapter.parameters()).device
     mask = (index[:, None] == owners[None, :]).to(device)
     slot = torch.full(index.shape, len(names), device=device)  # unused by bottlenecks, kept for one RowMix

@@ -19,6 +19,8 @@ TINY = {
     "bench_dropout.py": ["--shapes", "24x16"],
     "bench_kinds.py": ["--hidden", "64", "--layers", "1", "--seq", "16", "--vocab", "64", "--width", "4", "--images", "2",
                        "--rank", "2"],
+    "bench_multi_adapter.py": ["--hidden", "64", "--layers", "1", "--heads", "4", "--vocab", "64", "--batch", "8",
+                               "--seq", "8", "--context", "8", "--adapters", "3", "--rank", "2"],
 }
 
 

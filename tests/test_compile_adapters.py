@@ -108,3 +108,22 @@ def test_a_compiled_llama_serves_a_mixed_batch_without_graph_breaks():
         eager = model(ids).logits
         compiled = torch.compile(model, fullgraph=True, backend="eager")
         torch.testing.assert_close(compiled(ids).logits, eager)
+
+
+@pytest.mark.parametrize("tokens", [1, 9])
+def test_serving_batch_after_batch_under_compile_does_not_recompile(tokens):
+    model = two_adapter_mlp().eval()
+    peftlite.inject(model, rank=2, name="c")
+    compiled = torch.compile(model, fullgraph=True, backend="eager")
+    x = torch.randn(4, tokens, 12)
+    expected = {}
+    batches = (["a", "b", None, "a"], ["b", "a", "a", None], ["c", "c", "b", "a"], ["a", "a", "a", "a"])
+    for rows in batches:
+        with peftlite.adapter_per_row(model, rows), torch.no_grad():
+            expected[tuple(rows)] = model(x)
+    with torch.no_grad(), peftlite.adapter_per_row(model, batches[0]):
+        compiled(x)
+    with torch._dynamo.config.patch(error_on_recompile=True), torch.no_grad():
+        for rows in batches[1:]:
+            with peftlite.adapter_per_row(model, rows):
+                torch.testing.assert_close(compiled(x), expected[tuple(rows)])
