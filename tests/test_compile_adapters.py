@@ -4,7 +4,6 @@ been seen; a per-row batch compiles with fullgraph=True (forward and backward)."
 import pytest
 import torch
 import torch._dynamo
-from torch import nn
 
 import peftlite
 from tests.models import TinyMLP

@@ -73,14 +73,14 @@ def test_each_adapter_gives_the_outputs_and_gradients_of_a_model_holding_only_it
             single.layer.lora_A[name].copy_(multi.layer.lora_A[name])
             single.layer.lora_B[name].copy_(multi.layer.lora_B[name])
         peftlite.set_adapter(multi, name)
+        multi.zero_grad(set_to_none=True)
         (multi(x) * g).sum().backward()
         (single(x) * g).sum().backward()
         for part in ("lora_A", "lora_B"):
             mine, theirs = getattr(multi.layer, part)[name], getattr(single.layer, part)[name]
             torch.testing.assert_close(mine.grad, theirs.grad, rtol=1e-5, atol=1e-6)
         other = "b" if name == "a" else "a"
-        assert multi.layer.lora_A[other].grad is None or name == "b"  # "a" was trained in the first round
-        assert not multi.layer.lora_A[other].requires_grad
+        assert multi.layer.lora_A[other].grad is None and not multi.layer.lora_A[other].requires_grad
         torch.testing.assert_close(multi(x), single(x), rtol=1e-5, atol=1e-6)
 
 
@@ -397,7 +397,6 @@ def test_bottleneck_adapters_by_name_add_switch_and_mix_by_row():
     peftlite.inject(model, method="adapter", targets=["fc2"], name="b", bottleneck=5, activation="gelu")
     for bottleneck in model.fc2.adapter.values():
         nn.init.normal_(bottleneck.up.weight)
-    assert sorted(model.state_dict()) == sorted(model.state_dict())  # keys by name:
     assert {"fc2.adapter.a.up.weight", "fc2.adapter.b.down.weight"} <= set(model.state_dict())
     x = torch.randn(4, 12)
     h = model.fc2.base(model.norm(torch.relu(model.fc1(x))))
