@@ -11,6 +11,7 @@ are little-endian. Files are read back with ``safetensors.torch.load_file``, whi
 """
 
 import ctypes
+import os
 import json
 import struct
 import sys
@@ -33,6 +34,17 @@ def tensor_bytes(tensor: torch.Tensor) -> bytes:
     return ctypes.string_at(tensor.data_ptr(), tensor.numel() * tensor.element_size()) if tensor.numel() else b""
 
 
+def tensor_buffer(tensor: torch.Tensor):
+    """The tensor's bytes as a buffer, without a copy where its memory already is little-endian CPU rows
+    (a ctypes view that keeps ``tensor`` alive), else :func:`tensor_bytes`."""
+    tensor = tensor.detach().to("cpu").contiguous()
+    if sys.byteorder == "big" and tensor.element_size() > 1 or not tensor.numel():
+        return tensor_bytes(tensor)
+    view = (ctypes.c_char * (tensor.numel() * tensor.element_size())).from_address(tensor.data_ptr())
+    view._owner = tensor  # the memory must outlive the view
+    return view
+
+
 def save_file(tensors: dict[str, torch.Tensor], path, metadata: dict[str, str] | None = None) -> None:
     """Write ``tensors`` to ``path`` as a safetensors file."""
     header, chunks, offset = {}, [], 0
@@ -51,3 +63,122 @@ def save_file(tensors: dict[str, torch.Tensor], path, metadata: dict[str, str] |
         f.write(encoded)
         for data in chunks:
             f.write(data)
+
+
+# ---- one tensor at a time: checkpoints larger than memory ----
+
+SIZES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
+         "U16": 2, "U32": 4, "U64": 8, "F8_E4M3": 1, "F8_E5M2": 1}
+TORCH = {code: dtype for dtype, code in DTYPES.items()}
+MAX_HEADER = 100_000_000  # as safetensors itself
+
+
+class Entry:
+    """One tensor of a safetensors file: name, dtype code, shape, and where its bytes are."""
+
+    def __init__(self, name: str, dtype: str, shape: list[int], begin: int, end: int):
+        self.name, self.dtype, self.shape, self.begin, self.end = name, dtype, shape, begin, end
+
+    @property
+    def nbytes(self) -> int:
+        return self.end - self.begin
+
+
+def read_header(path: Path) -> tuple[list[Entry], dict, int]:
+    """``(entries in file order, metadata, offset of the byte buffer)``; raises ValueError on a malformed file."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        prefix = f.read(8)
+        if len(prefix) < 8:
+            raise ValueError("shorter than the 8-byte header length")
+        (length,) = struct.unpack("<Q", prefix)
+        if length > min(MAX_HEADER, size - 8):
+            raise ValueError(f"header length {length} does not fit the file ({size} bytes)")
+        header = json.loads(f.read(length))
+    if not isinstance(header, dict):
+        raise ValueError("the header is not a JSON object")
+    metadata = header.pop("__metadata__", None) or {}
+    entries, start, expected = [], 8 + length, 0
+    for name, info in sorted(header.items(), key=lambda item: item[1].get("data_offsets", [0])[0]):
+        dtype, shape, (begin, end) = info["dtype"], info["shape"], info["data_offsets"]
+        count = 1
+        for dim in shape:
+            count *= dim
+        if dtype not in SIZES or begin != expected or end - begin != count * SIZES[dtype]:
+            raise ValueError(f"tensor '{name}': dtype {dtype}, shape {shape} and offsets {[begin, end]} disagree")
+        entries.append(Entry(name, dtype, list(shape), begin, end))
+        expected = end
+    if start + expected != size:
+        raise ValueError(f"the tensors end at byte {start + expected}, the file has {size}")
+    return entries, metadata, start
+
+
+def read_tensor(f, entry: Entry, start: int) -> torch.Tensor:
+    """The tensor ``entry`` of the open file ``f`` (header ending at ``start``), read into its own memory."""
+    f.seek(start + entry.begin)
+    data = bytearray(entry.nbytes)
+    if f.readinto(data) != entry.nbytes:
+        raise ValueError(f"tensor '{entry.name}' is cut short")
+    dtype = TORCH[entry.dtype]
+    if not data:
+        return torch.empty(entry.shape, dtype=dtype)
+    tensor = torch.frombuffer(data, dtype=torch.uint8)
+    if sys.byteorder == "big" and SIZES[entry.dtype] > 1:
+        tensor = tensor.view(-1, SIZES[entry.dtype]).flip(1).contiguous().view(-1)
+    return tensor.view(dtype).view(entry.shape)
+
+
+class StreamWriter:
+    """A safetensors file written tensor by tensor: the header (every name, dtype and shape) first, then each
+    tensor's bytes in that order; only the tensor being written is ever in memory."""
+
+    def __init__(self, path: Path, entries: list[tuple[str, str, list[int]]], metadata: dict | None = None):
+        header, offset = {}, 0
+        for name, dtype, shape in entries:
+            count = 1
+            for dim in shape:
+                count *= dim
+            header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + count * SIZES[dtype]]}
+            offset += count * SIZES[dtype]
+        if metadata:
+            header["__metadata__"] = metadata
+        self.expected = [(name, header[name]["data_offsets"][1] - header[name]["data_offsets"][0])
+                         for name, _, _ in entries]
+        encoded = json.dumps(header, separators=(",", ":")).encode()
+        encoded += b" " * (-len(encoded) % 8)
+        self.file = open(path, "wb")
+        self.file.write(struct.pack("<Q", len(encoded)))
+        self.file.write(encoded)
+        self.written = 0
+
+    def write(self, name: str, data) -> None:
+        """The next tensor's bytes (a tensor, or a bytes-like object already in the file's byte order)."""
+        expected_name, size = self.expected[self.written]
+        if isinstance(data, torch.Tensor):
+            data = tensor_buffer(data)
+        if name != expected_name or len(memoryview(data).cast("B")) != size:
+            raise ValueError(f"expected {size} bytes of '{expected_name}', got '{name}'")
+        self.file.write(data)
+        self.written += 1
+
+    def copy(self, name: str, f, offset: int, chunk: int = 1 << 26) -> None:
+        """The next tensor's bytes copied from ``f`` at ``offset``, ``chunk`` bytes at a time (never decoded)."""
+        expected_name, size = self.expected[self.written]
+        if name != expected_name:
+            raise ValueError(f"expected '{expected_name}', got '{name}'")
+        f.seek(offset)
+        left = size
+        while left:
+            data = f.read(min(chunk, left))
+            if not data:
+                raise ValueError(f"tensor '{name}' is cut short")
+            self.file.write(data)
+            left -= len(data)
+        self.written += 1
+
+    def close(self) -> None:
+        if self.written != len(self.expected):
+            raise ValueError(f"{len(self.expected) - self.written} tensors were not written")
+        self.file.flush()
+        os.fsync(self.file.fileno())
+        self.file.close()
