@@ -37,6 +37,18 @@ def test_benchmark_runs_and_writes_rows(script, tmp_path):
 
 
 @pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux /proc")
+def test_checkpoint_merge_benchmark_runs_and_writes_rows(tmp_path):
+    pytest.importorskip("peft")
+    out = tmp_path / "result.json"
+    subprocess.run([sys.executable, str(BENCHMARKS / "bench_merge.py"), "--checkpoint", "--hidden", "128", "--layers",
+                    "1", "--vocab", "64", "--rank", "2", "--rounds", "1", "--out", str(out)], check=True,
+                   capture_output=True, text=True)
+    rows = json.loads(out.read_text())["rows"]
+    assert {row["contender"] for row in rows} == {"peftlite merge", "peft merge_and_unload", "peftlite extract"}
+    assert all(row["seconds"] > 0 and row["peak_rise_bytes"] >= 0 for row in rows)
+
+
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux /proc")
 def test_model_peak_memory_child_reports_bytes():
     pytest.importorskip("peft")
     done = subprocess.run([sys.executable, str(BENCHMARKS / "bench_model.py"), *TINY["bench_model.py"],
