@@ -5,12 +5,14 @@ from .adapters import (active_adapters, adapter_names, adapter_per_row, delete_a
 from .bottleneck import Adapter
 from .combine import combine_adapters
 from .errors import PeftliteError
+from .export import extract_adapter, merge_checkpoint
 from .io import load_adapter, save_adapter
 from .lora import LoRALayer, LoRALinear
 from .model import inject, merge, unload, unmerge
 from .prefix import PrefixEncoder
 
 __all__ = ["Adapter", "LoRALayer", "LoRALinear", "PeftliteError", "PrefixEncoder", "active_adapters", "adapter_names",
-           "adapter_per_row", "combine_adapters", "delete_adapter", "disable_adapters", "inject", "load_adapter", "merge", "save_adapter",
+           "adapter_per_row", "combine_adapters", "delete_adapter", "disable_adapters", "extract_adapter", "inject", "load_adapter", "merge", "merge_checkpoint",
+           "save_adapter",
            "set_adapter", "summary", "unload", "unmerge"]
 __version__ = "0.1.0"
