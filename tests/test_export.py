@@ -338,3 +338,20 @@ def test_extract_energy_rule_against_a_float64_svd(tmp_path):
         assert rank == want
         assert abs(error - float(s[want:].square().sum().sqrt() / s.square().sum().sqrt())) < 1e-5
     assert config["rank_pattern"] or len({r for r, _ in result["layers"].values()}) == 1
+
+
+def test_the_console_script_is_installed_beside_the_interpreter():
+    script = Path(sys.executable).parent / "peftlite"
+    if not script.exists():
+        pytest.skip("peftlite is not installed into this environment (pip install -e .)")
+    done = subprocess.run([str(script), "merge", "--help"], capture_output=True, text=True)
+    assert done.returncode == 0 and "BASE" in done.stdout.upper()
+    done = subprocess.run([str(script)], capture_output=True, text=True)
+    assert done.returncode == 2 and "merge" in done.stdout
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without CUDA")
+def test_asking_for_cuda_without_one_is_a_one_line_error(llama_and_adapter):
+    tmp = llama_and_adapter
+    one_line_error(run_cli("merge", tmp / "base", tmp / "adapter", tmp / "o", "--device", "cuda"),
+                   "no CUDA device is available here")
