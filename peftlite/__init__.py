@@ -10,8 +10,9 @@ from .io import load_adapter, save_adapter
 from .lora import LoRALayer, LoRALinear
 from .model import inject, merge, unload, unmerge
 from .prefix import PrefixEncoder
+from .training import check_gradients
 
-__all__ = ["Adapter", "LoRALayer", "LoRALinear", "PeftliteError", "PrefixEncoder", "active_adapters", "adapter_names",
+__all__ = ["Adapter", "LoRALayer", "LoRALinear", "PeftliteError", "PrefixEncoder", "active_adapters", "adapter_names", "check_gradients",
            "adapter_per_row", "combine_adapters", "delete_adapter", "disable_adapters", "extract_adapter", "inject", "load_adapter", "merge", "merge_checkpoint",
            "save_adapter",
            "set_adapter", "summary", "unload", "unmerge"]

@@ -22,6 +22,8 @@ from torch import nn
 from .bottleneck import Adapter
 from .errors import PeftliteError
 from .fast_path import sync_fast_path_guards
+from .hf import release_save_pretrained
+from .training import unhook_embeddings
 from .lora import LoRALayer, lora_layers, remove_lora
 from .model import (CONTEXT, TRAINED, adapter_modules, is_adapted, refuse_in_context, replace, unwrap)
 from .ops.row_mix import RowMix
@@ -304,6 +306,8 @@ def delete_adapter(model: nn.Module, name: str) -> nn.Module:
     if not adapter_names(bare):
         for module in bare.modules():
             module.__dict__.pop(TRAINED, None)
+        release_save_pretrained(bare)
+        unhook_embeddings(bare)
     sync_fast_path_guards(bare, is_adapted)
     return model
 

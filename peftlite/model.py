@@ -14,6 +14,8 @@ from torch import nn
 from .bottleneck import Adapter, Bottleneck, adapter_sizes, check_adapter_options
 from .errors import PeftliteError, check_adapter_name
 from .fast_path import sync_fast_path_guards
+from .hf import guard_save_pretrained, release_save_pretrained
+from .training import hook_frozen_embeddings, unhook_embeddings
 from .lora import LoRALayer, add_lora, check_lora_options, lora_layers, plan_lora, release
 from .prefix import PrefixEncoder
 from .prefix import attach as prefix_attach
@@ -104,6 +106,8 @@ def inject(model: nn.Module, rank: int | None = None, *, method: str = "lora", t
         bare.get_submodule(name).__dict__[TRAINED] = True
     freeze_all_but_adapters(bare)
     sync_fast_path_guards(bare, is_adapted)
+    guard_save_pretrained(bare)
+    hook_frozen_embeddings(bare)
     return model
 
 
@@ -473,5 +477,7 @@ def unload(model: nn.Module, merge: bool = True, names=None) -> nn.Module:
     replace(bare, plain)
     result = root if root is not None else bare
     sync_fast_path_guards(result, is_adapted)
+    release_save_pretrained(bare)
+    unhook_embeddings(bare)
     return result
 

@@ -18,6 +18,8 @@ from . import bottleneck_format, lora_format, prefix_format, saved_modules
 from .directory import CONFIG_NAME, WEIGHTS_NAME, as_path, check_same_save, read_config, read_weights, write_adapter
 from ..errors import PeftliteError, check_adapter_name
 from ..fast_path import sync_fast_path_guards
+from ..hf import guard_save_pretrained
+from ..training import hook_frozen_embeddings
 from ..model import adapter_modules, freeze_all_but_adapters, is_adapted, refuse_meta, require_lora, unwrap
 from ..prefix import attach as prefix_attach
 
@@ -31,6 +33,7 @@ def check_finite(tensors: dict, source: str) -> None:
 KEY_PREFIX = {"LORA": "base_model.model.", bottleneck_format.PEFT_TYPE: "base_model.model.",  # as PEFT writes
               "PREFIX_TUNING": "base_model."}  # the state of modules saved whole (saved_modules.py)
 METHODS = ("lora", "adapter", "prefix")
+TRAINER_STATE = "trainer_state.json"  # a Hugging Face Trainer checkpoint in an output folder: not an adapter of it
 
 
 def save_adapter(model: nn.Module, directory, method: str | None = None, name: str | None = None) -> Path:
@@ -122,7 +125,8 @@ def load_adapter(model: nn.Module, directory, name: str | None = None) -> nn.Mod
 
     ``directory`` holds one adapter (loaded as ``name``, default ``"default"``) or PEFT's
     multi-adapter layout (one at the root, loaded as ``"default"``, and one per subfolder holding an
-    ``adapter_config.json``, loaded under the folder's name): ``name=None`` loads them all, a
+    ``adapter_config.json``, loaded under the folder's name; Trainer checkpoints, folders holding a
+    ``trainer_state.json``, are not adapters of it): ``name=None`` loads them all, a
     ``name`` with its own subfolder loads that one. Loaded adapters join the active set, as
     injected ones do (``set_adapter`` picks).
 
@@ -153,6 +157,8 @@ def load_adapter(model: nn.Module, directory, name: str | None = None) -> nn.Mod
         change()
     freeze_all_but_adapters(bare)
     sync_fast_path_guards(bare, is_adapted)
+    guard_save_pretrained(bare)
+    hook_frozen_embeddings(bare)
     return model
 
 
@@ -162,8 +168,8 @@ def adapter_folders(directory: Path, name: str | None) -> list[tuple[str, Path]]
         sub = directory / name
         return [(name, sub if (sub / CONFIG_NAME).is_file() else directory)]
     found = [("default", directory)] if (directory / CONFIG_NAME).is_file() else []
-    subfolders = sorted(d for d in directory.iterdir() if d.is_dir() and (d / CONFIG_NAME).is_file()) \
-        if directory.is_dir() else []
+    subfolders = sorted(d for d in directory.iterdir() if d.is_dir() and (d / CONFIG_NAME).is_file()
+                        and not (d / TRAINER_STATE).is_file()) if directory.is_dir() else []
     for folder in subfolders:
         try:
             check_adapter_name(folder.name)

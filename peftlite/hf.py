@@ -1,0 +1,96 @@
+"""Hugging Face transformers: ``save_pretrained`` on an injected model, and a Trainer that resumes from
+adapter-only checkpoints.
+
+``inject`` (and ``load_adapter``) give a transformers ``PreTrainedModel`` an instance-level
+``save_pretrained`` that writes its adapters, as PEFT's ``PeftModel.save_pretrained`` does (the PEFT
+layout: ``adapter_config.json`` + ``adapter_model.safetensors``, several adapters in subfolders). So
+``transformers.Trainer`` checkpoints hold the adapter alone, and no ``save_pretrained`` of an injected
+model writes a full checkpoint that would reload silently without its adapter; ``peftlite.unload``
+gives the class's own ``save_pretrained`` back (the full, merged model). Only the object is changed,
+never transformers' classes.
+
+The plain ``transformers.Trainer`` cannot resume from such checkpoints: its ``_load_from_checkpoint``
+reads full weights, or adapters only through PEFT's own model class. :class:`Trainer` is the
+drop-in subclass that loads them (in place: the optimizer keeps its parameters) and does the same for
+``load_best_model_at_end``.
+"""
+
+import sys
+from pathlib import Path
+
+from torch import nn
+
+SLOT = "save_pretrained"
+
+
+class AdapterSave:
+    """``model.save_pretrained(directory, ...)`` for an injected model: ``peftlite.save_adapter``."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+
+    def __call__(self, save_directory, *args, is_main_process: bool = True, **kwargs):
+        from .io import save_adapter
+
+        if is_main_process:
+            save_adapter(self.model, save_directory)
+
+
+def pretrained_class():
+    modeling = sys.modules.get("transformers.modeling_utils")
+    return None if modeling is None else getattr(modeling, "PreTrainedModel", None)
+
+
+def guard_save_pretrained(model: nn.Module) -> None:
+    """Give a transformers model holding adapters the adapter-writing ``save_pretrained`` (idempotent)."""
+    cls = pretrained_class()
+    if cls is not None and isinstance(model, cls) and not isinstance(model.__dict__.get(SLOT), AdapterSave):
+        model.__dict__[SLOT] = AdapterSave(model)
+
+
+def release_save_pretrained(model: nn.Module) -> None:
+    if isinstance(model.__dict__.get(SLOT), AdapterSave):
+        del model.__dict__[SLOT]
+
+
+def has_adapter_files(directory) -> bool:
+    from .io.directory import CONFIG_NAME
+
+    directory = Path(directory)
+    return (directory / CONFIG_NAME).is_file() or any((d / CONFIG_NAME).is_file() for d in directory.iterdir()
+                                                      if d.is_dir())
+
+
+def trainer_class():
+    from transformers import Trainer as Base
+
+    class Trainer(Base):
+        """``transformers.Trainer`` that resumes (and loads the best model) from adapter-only checkpoints."""
+
+        def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+            if has_adapter_files(resume_from_checkpoint):
+                from .io import load_adapter
+
+                load_adapter(self.model if model is None else model, resume_from_checkpoint)
+                return None
+            return super()._load_from_checkpoint(resume_from_checkpoint, model)
+
+        def _load_best_model(self):
+            best = self.state.best_model_checkpoint
+            if best is not None and has_adapter_files(best):
+                from .io import load_adapter
+
+                load_adapter(self.model, best)
+                return None
+            return super()._load_best_model()
+
+    Trainer.__module__, Trainer.__qualname__ = __name__, "Trainer"
+    return Trainer
+
+
+def __getattr__(name: str):
+    if name == "Trainer":  # transformers is imported only when the Trainer is asked for
+        cls = trainer_class()
+        globals()["Trainer"] = cls
+        return cls
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
