@@ -15,6 +15,7 @@ from .bottleneck import Adapter, Bottleneck, adapter_sizes, check_adapter_option
 from .errors import PeftliteError, check_adapter_name
 from .fast_path import sync_fast_path_guards
 from .hf import guard_save_pretrained, release_save_pretrained
+from .sharding import refuse_sharded
 from .training import hook_frozen_embeddings, unhook_embeddings
 from .lora import LoRALayer, add_lora, check_lora_options, lora_layers, plan_lora, release
 from .prefix import PrefixEncoder
@@ -88,6 +89,7 @@ def inject(model: nn.Module, rank: int | None = None, *, method: str = "lora", t
     """
     bare = unwrap(model)
     refuse_in_context(bare, "inject")
+    refuse_sharded(bare, "inject", "Inject before fully_shard: FSDP2 shards the adapters with the rest.")
     if method not in METHODS:
         raise PeftliteError(f"method={method!r}: expected one of {', '.join(map(repr, METHODS))}.")
     if rank is not None and method != "lora":
@@ -338,6 +340,8 @@ def merge(model: nn.Module, names=None) -> nn.Module:
     bare = unwrap(model)
     refuse_in_context(bare, "merge")
     refuse_meta(bare, "merge")
+    refuse_sharded(bare, "merge", "Merge before fully_shard, or save_adapter (on every rank) and merge the saved "
+                   "checkpoint with `peftlite merge`.")
     others = unmergeable(bare)
     if not lora_layers(bare) and others:
         raise PeftliteError(f"merge: the model's {others} cannot be merged into weights: they add computation of "
@@ -420,6 +424,7 @@ def unmerge(model: nn.Module, names=None) -> nn.Module:
     """
     bare = unwrap(model)
     refuse_in_context(bare, "unmerge")
+    refuse_sharded(bare, "unmerge", "Unmerge before fully_shard.")
     layers = require_lora(bare, "unmerge")
     if names is not None:
         names = [names] if isinstance(names, str) else names
@@ -451,6 +456,8 @@ def unload(model: nn.Module, merge: bool = True, names=None) -> nn.Module:
     """
     bare = unwrap(model)
     refuse_in_context(bare, "unload")
+    refuse_sharded(bare, "unload", "save_adapter (on every rank) and merge the saved checkpoint with `peftlite "
+                   "merge`, or unload an unsharded copy of the model.")
     if not isinstance(merge, bool):
         raise PeftliteError(f"merge={merge!r}: expected True (fold the adapters in) or False (drop them).")
     if names is not None and not merge:

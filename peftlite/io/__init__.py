@@ -19,6 +19,7 @@ from .directory import CONFIG_NAME, WEIGHTS_NAME, as_path, check_same_save, read
 from ..errors import PeftliteError, check_adapter_name
 from ..fast_path import sync_fast_path_guards
 from ..hf import guard_save_pretrained
+from ..sharding import wait_for_rank_0, writes_here
 from ..training import hook_frozen_embeddings
 from ..model import adapter_modules, freeze_all_but_adapters, is_adapted, refuse_meta, require_lora, unwrap
 from ..prefix import attach as prefix_attach
@@ -86,8 +87,10 @@ def save_adapter(model: nn.Module, directory, method: str | None = None, name: s
         config["modules_to_save"] = sorted(whole) or None
         folder = directory if len(held) == 1 or n == "default" else directory / n
         writes.append((folder, tensors, config))
-    for folder, tensors, config in writes:
-        write_adapter(folder, tensors, config)
+    if writes_here(model):  # a sharded model: every rank gathered above, rank 0 writes
+        for folder, tensors, config in writes:
+            write_adapter(folder, tensors, config)
+    wait_for_rank_0(model)
     return directory
 
 

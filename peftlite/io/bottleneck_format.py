@@ -11,6 +11,7 @@ from torch import nn
 from ..bottleneck import Adapter, adapter_sizes, check_adapter_options
 from ..errors import PeftliteError
 from ..model import check_another_bottleneck, replace
+from ..sharding import whole
 from .lora_format import PREFIX
 
 PEFT_TYPE = "BOTTLENECK_ADAPTER"
@@ -28,7 +29,7 @@ def payload(model: nn.Module, name: str) -> tuple[dict, dict]:
     adapters = {path: m for path, m in model.named_modules() if isinstance(m, Adapter) and name in m.adapter}
     if "" in adapters:
         raise PeftliteError("save_adapter needs the model that contains the Adapter, not the Adapter itself.")
-    tensors = {f"{PREFIX}{path}.adapter.{key}": tensor.detach().to("cpu").contiguous()
+    tensors = {f"{PREFIX}{path}.adapter.{key}": whole(tensor.detach()).to("cpu").contiguous()
                for path, adapter in adapters.items() for key, tensor in adapter.adapter[name].state_dict().items()}
     config = {"peft_type": PEFT_TYPE, "task_type": None,
               "modules": {path: options(a, name) for path, a in adapters.items()}}

@@ -23,6 +23,7 @@ from torch import nn
 from ..errors import PeftliteError
 from ..kinds import CONV1D, KINDS, LINEAR_LIKE, kind_of
 from ..lora import LoRALayer, LoRASettings, add_lora, check_lora_options, lora_layers, plan_lora
+from ..sharding import assign, is_sharded, whole
 from ..targets import check_lora_target, name_matches, output_heads, protected_modules
 
 PREFIX = "base_model.model."
@@ -48,8 +49,8 @@ def adapter_tensors(layers: dict[str, LoRALayer], name: str) -> dict:
     tensors = {}
     for path, layer in layers.items():
         key_a, key_b = layer.lora_kind.peft_keys
-        tensors[weight_key(path, key_a)] = layer.lora_A[name].detach().to("cpu").contiguous()
-        tensors[weight_key(path, key_b)] = layer.lora_B[name].detach().to("cpu").contiguous()
+        tensors[weight_key(path, key_a)] = whole(layer.lora_A[name].detach()).to("cpu").contiguous()
+        tensors[weight_key(path, key_b)] = whole(layer.lora_B[name].detach()).to("cpu").contiguous()
     return tensors
 
 
@@ -324,6 +325,10 @@ def plan_layer(model: nn.Module, path: str, kind_key: str, a: torch.Tensor, b: t
                                 f"{module.lora_settings[name].rank}, the file has rank {settings.rank}. Call "
                                 "peftlite.unload(model, merge=False) first to load a different adapter.")
         return LayerPlan(module, settings, a, b)
+    if is_sharded(module.weight):
+        raise PeftliteError(f"{source}: layer '{path}' is sharded (FSDP2) and holds no adapter {name!r}; new "
+                            "adapters cannot be added to sharded modules. Load (or inject) before fully_shard, or "
+                            "load into an adapter the model holds.")
     try:
         add = plan_lora(path, module, name, settings.rank, settings.alpha, settings.dropout, settings.rslora,
                         "default", None)
@@ -398,8 +403,8 @@ def apply_load(plan: LoadPlan, model: nn.Module) -> None:
         if held.dropout != layer.settings.dropout:
             layer.module.lora_settings[plan.name] = replace(held, dropout=layer.settings.dropout)
         with torch.no_grad():
-            layer.module.lora_A[plan.name].copy_(layer.lora_A)
-            layer.module.lora_B[plan.name].copy_(lora_B)
+            assign(layer.module.lora_A[plan.name], layer.lora_A)
+            assign(layer.module.lora_B[plan.name], lora_B)
     with torch.no_grad():
         for slot, value in plan.base.values():
             slot.copy_(value)

@@ -12,6 +12,7 @@ from torch import nn
 from ..errors import PeftliteError
 from ..lora import LoRALayer
 from ..model import TRAINED, adapter_parameters, marked_heads
+from ..sharding import whole
 from ..targets import name_matches
 
 
@@ -39,7 +40,7 @@ def trained_modules(model: nn.Module) -> dict[str, nn.Module]:
 
 def tensors(modules: dict[str, nn.Module], prefix: str) -> dict:
     """``<prefix><module>.<key>`` for every state-dict entry of the given whole modules."""
-    return {f"{prefix}{name}.{key}": tensor.detach().to("cpu").contiguous()
+    return {f"{prefix}{name}.{key}": whole(tensor.detach()).to("cpu").contiguous()
             for name, module in modules.items() for key, tensor in module.state_dict().items()}
 
 
