@@ -193,3 +193,48 @@ def test_reentrant_checkpointing_after_a_frozen_embedding_trains_lora_without_a_
     peftlite.check_gradients(model)
     plain = peftlite.unload(model)
     assert not plain.embed._forward_hooks  # unload takes the hook away again
+
+
+# ---- mixed precision ----
+
+def autocast_error(model, x, names):
+    """Norm-wise relative error of the gradients of ``names`` under bf16 autocast against float32, and the
+    float32 activations ([tokens, ...]) autograd saved under autocast."""
+    model.zero_grad()
+    model(x).square().mean().backward()
+    expected = {n: p.grad.clone() for n, p in model.named_parameters() if n in names}
+    model.zero_grad()
+    saved = []
+
+    def pack(t):
+        if t.dtype == torch.float32 and t.ndim and t.shape[0] == x.shape[0]:
+            saved.append(tuple(t.shape))
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(x)
+    out.float().square().mean().backward()
+    params = dict(model.named_parameters())
+    return {n: float((params[n].grad - g).norm() / g.norm()) for n, g in expected.items()}, out, saved
+
+
+def test_autocast_matches_fp32_with_fp32_master_adapters_and_saves_no_fp32_activations():
+    torch.manual_seed(0)
+    model = peftlite.inject(TinyMLP(dims=(64, 96, 80)), rank=4)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.2)
+    x = torch.randn(33, 64)
+    reference = model(x).detach()
+    lora = [n for n, p in model.named_parameters() if p.requires_grad]
+    errors, out, saved = autocast_error(model, x, lora)
+    torch.testing.assert_close(out.float(), reference, rtol=3e-2, atol=3e-2)
+    assert all(dict(model.named_parameters())[n].grad.dtype == torch.float32 for n in lora)  # fp32 master adapters
+    # what autocast itself costs and keeps: the same network, merged and trained whole, in plain PyTorch
+    plain = peftlite.unload(model).requires_grad_(True)
+    plain_errors, _, plain_saved = autocast_error(plain, x, ["fc1.weight", "fc2.weight"])
+    for name, error in errors.items():
+        layer = name.split(".")[0]
+        assert error <= 1.5 * plain_errors[f"{layer}.weight"], (name, error, plain_errors)
+    assert sorted(saved) == sorted(plain_saved)  # LoRA saves no float32 activation of its own (LayerNorm's only)
