@@ -238,3 +238,22 @@ def test_autocast_matches_fp32_with_fp32_master_adapters_and_saves_no_fp32_activ
         layer = name.split(".")[0]
         assert error <= 1.5 * plain_errors[f"{layer}.weight"], (name, error, plain_errors)
     assert sorted(saved) == sorted(plain_saved)  # LoRA saves no float32 activation of its own (LayerNorm's only)
+
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+
+
+def test_the_trainer_example_runs(tmp_path):
+    done = subprocess.run([sys.executable, str(EXAMPLES / "hf_trainer.py"), "--out", str(tmp_path)],
+                          capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "the same adapter as the uninterrupted run: True" in done.stdout
+
+
+@pytest.mark.parametrize("flag", [[], ["--fsdp"]])
+def test_the_distributed_example_runs(tmp_path, flag):
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                           str(EXAMPLES / "distributed.py"), *flag, "--out", str(tmp_path / "adapter")],
+                          capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "adapter saved" in done.stdout and (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
