@@ -12,7 +12,7 @@ never transformers' classes.
 The plain ``transformers.Trainer`` cannot resume from such checkpoints: its ``_load_from_checkpoint``
 reads full weights, or adapters only through PEFT's own model class. :class:`Trainer` is the
 drop-in subclass that loads them (in place: the optimizer keeps its parameters) and does the same for
-``load_best_model_at_end``.
+``load_best_model_at_end``; :class:`AdapterCheckpoints` gives any other Trainer subclass the same.
 """
 
 import sys
@@ -61,31 +61,34 @@ def has_adapter_files(directory) -> bool:
                                                       if d.is_dir())
 
 
+class AdapterCheckpoints:
+    """Mixin for any ``transformers.Trainer`` subclass (TRL's ``SFTTrainer``, say): resume and load the best
+    model from adapter-only checkpoints. ``class MyTrainer(AdapterCheckpoints, SFTTrainer): pass``."""
+
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        if has_adapter_files(resume_from_checkpoint):
+            from .io import load_adapter
+
+            load_adapter(self.model if model is None else model, resume_from_checkpoint)
+            return None
+        return super()._load_from_checkpoint(resume_from_checkpoint, model)
+
+    def _load_best_model(self):
+        best = self.state.best_model_checkpoint
+        if best is not None and has_adapter_files(best):
+            from .io import load_adapter
+
+            load_adapter(self.model, best)
+            return None
+        return super()._load_best_model()
+
+
 def trainer_class():
     from transformers import Trainer as Base
 
-    class Trainer(Base):
-        """``transformers.Trainer`` that resumes (and loads the best model) from adapter-only checkpoints."""
-
-        def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
-            if has_adapter_files(resume_from_checkpoint):
-                from .io import load_adapter
-
-                load_adapter(self.model if model is None else model, resume_from_checkpoint)
-                return None
-            return super()._load_from_checkpoint(resume_from_checkpoint, model)
-
-        def _load_best_model(self):
-            best = self.state.best_model_checkpoint
-            if best is not None and has_adapter_files(best):
-                from .io import load_adapter
-
-                load_adapter(self.model, best)
-                return None
-            return super()._load_best_model()
-
-    Trainer.__module__, Trainer.__qualname__ = __name__, "Trainer"
-    return Trainer
+    return type("Trainer", (AdapterCheckpoints, Base), {
+        "__module__": __name__, "__qualname__": "Trainer",
+        "__doc__": "``transformers.Trainer`` that resumes (and loads the best model) from adapter-only checkpoints."})
 
 
 def __getattr__(name: str):

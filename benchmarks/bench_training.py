@@ -1,0 +1,171 @@
+"""Training stacks: DDP on 2 CPU processes (gloo) against one process, and Trainer checkpoints against PEFT's.
+
+DDP: a Llama-style model built from a config with LoRA on every linear layer; each process runs one
+thread on its own batch (the same per-process batch as the single process); the step (forward, loss,
+backward, AdamW) is timed per process, the two-process run and the one-process run alternating
+(``--rounds`` each). A DDP communication hook counts the bytes all-reduced per step, against the bytes
+of the whole model's gradients.
+Trainer: the same model, adapters of the same rank, trained 4 steps by ``peftlite.hf.Trainer`` and by
+``transformers.Trainer`` on PEFT's model; the checkpoint's bytes (all files, and the model or adapter
+files alone) and the time of ``save_model``.
+Writes benchmarks/results/training-<device>.json.
+
+    python benchmarks/bench_training.py [--hidden 512 --layers 4 --batch 2 --seq 128 --rounds 3]
+"""
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402
+
+import peftlite  # noqa: E402
+
+
+def build(args):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.hidden * 8 // 3,
+                         num_hidden_layers=args.layers, num_attention_heads=args.hidden // 64,
+                         num_key_value_heads=args.hidden // 128, max_position_embeddings=args.seq + 8)
+    return LlamaForCausalLM(config)
+
+
+def step_times(args, distributed: bool) -> dict:
+    """Median step seconds of this process, and bytes all-reduced per step (0 without DDP)."""
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    model = peftlite.inject(build(args), rank=args.rank, alpha=2 * args.rank).train()
+    counted = [0]
+    if distributed:
+        from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+
+        dist.init_process_group("gloo")
+
+        def counting(state, bucket):
+            counted[0] += bucket.buffer().numel() * bucket.buffer().element_size()
+            return allreduce_hook(state, bucket)
+
+        wrapped = torch.nn.parallel.DistributedDataParallel(model)
+        wrapped.register_comm_hook(None, counting)
+    else:
+        wrapped = model
+    optimizer = torch.optim.AdamW([p for p in wrapped.parameters() if p.requires_grad], lr=1e-4)
+    rank = dist.get_rank() if distributed else 0
+    ids = torch.randint(0, args.vocab, (args.batch, args.seq), generator=torch.Generator().manual_seed(rank))
+    times = []
+    for step in range(args.warmup + args.steps):
+        start = time.perf_counter()
+        wrapped(input_ids=ids, labels=ids).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        times.append(time.perf_counter() - start)
+        if step == args.warmup - 1:
+            counted[0] = 0
+    result = {"seconds": statistics.median(times[args.warmup:]), "allreduce_bytes": counted[0] / args.steps,
+              "gradient_bytes": sum(p.numel() * 4 for p in model.parameters())}
+    if distributed:
+        dist.destroy_process_group()
+    return result
+
+
+def ddp_rows(args) -> list[dict]:
+    script = [sys.argv[0], *[f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items()
+                             if k in ("hidden", "layers", "vocab", "batch", "seq", "rank", "steps", "warmup")]]
+    single, double = [], []
+    for _ in range(args.rounds):
+        done = subprocess.run([sys.executable, *script, "--child=single"], capture_output=True, text=True, check=True)
+        single.append(json.loads(done.stdout.strip().splitlines()[-1]))
+        done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                               *script, "--child=ddp"], capture_output=True, text=True, check=True)
+        double.append(json.loads(done.stdout.strip().splitlines()[-1]))
+    one = statistics.median(r["seconds"] for r in single)
+    two = statistics.median(r["seconds"] for r in double)
+    shape = {"hidden": args.hidden, "layers": args.layers, "batch_per_process": args.batch, "seq": args.seq,
+             "rank": args.rank, "threads_per_process": 1}
+    return [{"mode": "ddp", "contender": "1 process", **shape, "median_ms": 1e3 * one, "ratio_vs_one": 1.0},
+            {"mode": "ddp", "contender": "2 processes (DDP, gloo)", **shape, "median_ms": 1e3 * two,
+             "ratio_vs_one": two / one, "allreduce_bytes_per_step": double[0]["allreduce_bytes"],
+             "model_gradient_bytes": double[0]["gradient_bytes"],
+             "allreduce_share": double[0]["allreduce_bytes"] / double[0]["gradient_bytes"]}]
+
+
+class Tokens(torch.utils.data.Dataset):
+    def __init__(self, args):
+        self.ids = torch.randint(0, args.vocab, (16, args.seq), generator=torch.Generator().manual_seed(0))
+
+    def __len__(self):
+        return len(self.ids)
+
+    def __getitem__(self, i):
+        return {"input_ids": self.ids[i], "labels": self.ids[i]}
+
+
+def trainer_rows(args) -> list[dict]:
+    import peft
+    import transformers
+
+    from peftlite.hf import Trainer
+
+    rows = []
+    with tempfile.TemporaryDirectory() as scratch:
+        for name in ("peftlite", "peft"):
+            if name == "peftlite":
+                model, cls = peftlite.inject(build(args), rank=args.rank, alpha=2 * args.rank), Trainer
+            else:
+                config = peft.LoraConfig(r=args.rank, lora_alpha=2 * args.rank, target_modules="all-linear")
+                model, cls = peft.get_peft_model(build(args), config), transformers.Trainer
+            out = Path(scratch) / name
+            targs = transformers.TrainingArguments(str(out), max_steps=4, save_steps=4, per_device_train_batch_size=2,
+                                                   use_cpu=True, report_to=[], logging_steps=100)
+            trainer = cls(model=model, args=targs, train_dataset=Tokens(args))
+            trainer.train()
+            checkpoint = out / "checkpoint-4"
+            files = {p.name: p.stat().st_size for p in checkpoint.iterdir() if p.is_file()}
+            weights = sum(size for file, size in files.items() if file.endswith(".safetensors"))
+            seconds = []
+            for i in range(5):
+                start = time.perf_counter()
+                trainer.save_model(str(out / f"final-{i}"))
+                seconds.append(time.perf_counter() - start)
+            rows.append({"mode": "trainer checkpoint", "contender": name, "checkpoint_bytes": sum(files.values()),
+                         "weights_bytes": weights, "save_model_ms": 1e3 * statistics.median(seconds),
+                         "files": sorted(files)})
+    return rows
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--hidden", type=int, default=512)
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--vocab", type=int, default=2048)
+    parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--seq", type=int, default=128)
+    parser.add_argument("--rank", type=int, default=16)
+    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--child", choices=["single", "ddp"], default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child is not None:
+        print(json.dumps(step_times(args, distributed=args.child == "ddp")))  # one line per process
+        return
+    rows = ddp_rows(args) + trainer_rows(args)
+    for row in rows:
+        print({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items() if k != "files"})
+    common.write_results("training", common.metadata(benchmark="training"), rows, args.out)
+
+
+if __name__ == "__main__":
+    main()
