@@ -73,10 +73,24 @@ def step_times(args, distributed: bool) -> dict:
         if step == args.warmup - 1:
             counted[0] = 0
     result = {"seconds": statistics.median(times[args.warmup:]), "allreduce_bytes": counted[0] / args.steps,
-              "gradient_bytes": sum(p.numel() * 4 for p in model.parameters())}
+              "gradient_bytes": sum(p.numel() * 4 for p in model.parameters()), "rank": rank}
     if distributed:
+        dist.barrier()  # no rank leaves while another still talks to it
         dist.destroy_process_group()
     return result
+
+
+def launch_ddp(script: list[str]) -> dict:
+    """The 2-process child run; a launch whose gloo rendezvous stalls (it happens on shared VMs) is retried once."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", *script,
+               "--child=ddp"]
+    for attempt in range(2):
+        try:
+            done = subprocess.run(command, capture_output=True, text=True, check=True, timeout=300)
+            return json.loads(done.stdout.strip().splitlines()[-1])
+        except subprocess.TimeoutExpired:
+            if attempt:
+                raise
 
 
 def ddp_rows(args) -> list[dict]:
@@ -86,9 +100,7 @@ def ddp_rows(args) -> list[dict]:
     for _ in range(args.rounds):
         done = subprocess.run([sys.executable, *script, "--child=single"], capture_output=True, text=True, check=True)
         single.append(json.loads(done.stdout.strip().splitlines()[-1]))
-        done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                               *script, "--child=ddp"], capture_output=True, text=True, check=True)
-        double.append(json.loads(done.stdout.strip().splitlines()[-1]))
+        double.append(launch_ddp(script))
     one = statistics.median(r["seconds"] for r in single)
     two = statistics.median(r["seconds"] for r in double)
     shape = {"hidden": args.hidden, "layers": args.layers, "batch_per_process": args.batch, "seq": args.seq,
@@ -159,7 +171,9 @@ def main():
     parser.add_argument("--child", choices=["single", "ddp"], default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child is not None:
-        print(json.dumps(step_times(args, distributed=args.child == "ddp")))  # one line per process
+        result = step_times(args, distributed=args.child == "ddp")
+        if result["rank"] == 0:  # one line: the processes' outputs would interleave
+            print(json.dumps(result), flush=True)
         return
     rows = ddp_rows(args) + trainer_rows(args)
     for row in rows:

@@ -105,11 +105,21 @@ def test_save_pretrained_of_an_injected_model_never_drops_the_adapter_silently(t
 
 # ---- DDP and FSDP2: two gloo processes under torch.distributed.run (tests/dist_train.py) ----
 
+def launch(*args) -> subprocess.CompletedProcess:
+    """``torch.distributed.run`` with 2 processes. On this kind of VM a gloo rendezvous now and then stalls
+    before training starts; a launch that times out is retried once (a deadlock in the code under test
+    would time out both times)."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", *map(str, args)]
+    for attempt in range(2):
+        try:
+            return subprocess.run(command, capture_output=True, text=True, timeout=120)
+        except subprocess.TimeoutExpired:
+            if attempt:
+                raise
+
+
 def run_distributed(mode: str, dtype: torch.dtype, out) -> None:
-    script = Path(__file__).resolve().parent / "dist_train.py"
-    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                           str(script), mode, str(dtype).removeprefix("torch."), str(out)],
-                          capture_output=True, text=True, timeout=240)
+    done = launch(Path(__file__).resolve().parent / "dist_train.py", mode, str(dtype).removeprefix("torch."), out)
     assert done.returncode == 0, done.stderr[-3000:]
 
 
@@ -252,8 +262,6 @@ def test_the_trainer_example_runs(tmp_path):
 
 @pytest.mark.parametrize("flag", [[], ["--fsdp"]])
 def test_the_distributed_example_runs(tmp_path, flag):
-    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                           str(EXAMPLES / "distributed.py"), *flag, "--out", str(tmp_path / "adapter")],
-                          capture_output=True, text=True, timeout=240)
+    done = launch(EXAMPLES / "distributed.py", *flag, "--out", tmp_path / "adapter")
     assert done.returncode == 0, done.stderr[-2000:]
     assert "adapter saved" in done.stdout and (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
