@@ -21,6 +21,7 @@ Everything is checked before the first byte is written: every adapter file (stri
 """
 
 import json
+import math
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -122,8 +123,7 @@ def plan_merge(checkpoint: Checkpoint, directory, weights) -> MergePlan:
     for name, weight in weights.items():
         if name not in folders:
             raise PeftliteError(f"ADAPTER {directory} has no adapter {name!r}; it holds {sorted(folders)}.")
-        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or weight != weight \
-                or weight in (float("inf"), float("-inf")):
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight):
             raise PeftliteError(f"the weight of adapter {name!r} is {weight!r}; expected a finite number.")
         plan_adapter(plan, checkpoint, entries, folders[name], f"{name}" if len(folders) > 1 else "", float(weight))
     return plan
@@ -240,8 +240,7 @@ def write_merged(checkpoint: Checkpoint, plan: MergePlan, output: Output, code, 
         except (OSError, ValueError) as err:
             writer.file.close()
             raise PeftliteError(f"{shard.path}: {err}") from None
-        sizes.update({name: count * SIZES[dtype] for name, dtype, shape in layout
-                      for count in [prod(shape)]})
+        sizes.update({name: math.prod(shape) * SIZES[dtype] for name, dtype, shape in layout})
     if checkpoint.index is not None:
         index = dict(checkpoint.index)
         index["metadata"] = {**(index.get("metadata") or {}), "total_size": sum(sizes.values())}
@@ -249,13 +248,6 @@ def write_merged(checkpoint: Checkpoint, plan: MergePlan, output: Output, code, 
     for extra in checkpoint.extra:
         shutil.copy2(extra, output.path(extra.name))
     return {**counts, "bytes": total_bytes}
-
-
-def prod(shape) -> int:
-    count = 1
-    for dim in shape:
-        count *= dim
-    return count
 
 
 def out_code(entry, code) -> str:

@@ -11,8 +11,9 @@ are little-endian. Files are read back with ``safetensors.torch.load_file``, whi
 """
 
 import ctypes
-import os
 import json
+import math
+import os
 import struct
 import sys
 from pathlib import Path
@@ -101,9 +102,7 @@ def read_header(path: Path) -> tuple[list[Entry], dict, int]:
     entries, start, expected = [], 8 + length, 0
     for name, info in sorted(header.items(), key=lambda item: item[1].get("data_offsets", [0])[0]):
         dtype, shape, (begin, end) = info["dtype"], info["shape"], info["data_offsets"]
-        count = 1
-        for dim in shape:
-            count *= dim
+        count = math.prod(shape)
         if dtype not in SIZES or begin != expected or end - begin != count * SIZES[dtype]:
             raise ValueError(f"tensor '{name}': dtype {dtype}, shape {shape} and offsets {[begin, end]} disagree")
         entries.append(Entry(name, dtype, list(shape), begin, end))
@@ -135,9 +134,7 @@ class StreamWriter:
     def __init__(self, path: Path, entries: list[tuple[str, str, list[int]]], metadata: dict | None = None):
         header, offset = {}, 0
         for name, dtype, shape in entries:
-            count = 1
-            for dim in shape:
-                count *= dim
+            count = math.prod(shape)
             header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + count * SIZES[dtype]]}
             offset += count * SIZES[dtype]
         if metadata:
