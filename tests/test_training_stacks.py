@@ -121,6 +121,7 @@ def launch(*args) -> subprocess.CompletedProcess:
 def run_distributed(mode: str, dtype: torch.dtype, out) -> None:
     done = launch(Path(__file__).resolve().parent / "dist_train.py", mode, str(dtype).removeprefix("torch."), out)
     assert done.returncode == 0, done.stderr[-3000:]
+    assert "returned a view tensor" not in done.stderr  # FSDP2's warning: outputs are not views, as nn.Linear's
 
 
 @pytest.mark.parametrize("mode, dtype", [("ddp", torch.float32), ("fsdp", torch.float32), ("fsdp", torch.bfloat16)])
@@ -136,6 +137,17 @@ def test_two_processes_train_like_one_on_the_whole_batch_and_save_whole_adapters
         got = dict(loaded.named_parameters())[name]
         assert got.shape == value.shape and got.dtype == torch.float32  # whole fp32 tensors, never a shard
         torch.testing.assert_close(got, value, **tolerance)
+
+
+@pytest.mark.parametrize("shape", [(5, 12), (2, 3, 12)])
+def test_lora_outputs_are_not_views_as_linear_outputs_are_not(shape):
+    layer = peftlite.LoRALinear(nn.Linear(12, 7), rank=2, dropout=0.1)
+    x = torch.randn(shape, requires_grad=True)
+    for y in (layer(x), layer.eval()(x.detach())):
+        assert y._base is None and nn.functional.linear(x, layer.weight)._base is None
+    y = layer.train()(x)
+    y.add_(1.0).sum().backward()  # an in-place op on the output: fine, as on a Linear's
+    assert layer.lora_B["default"].grad is not None
 
 
 # ---- activation checkpointing ----

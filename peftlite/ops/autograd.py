@@ -195,4 +195,6 @@ def lora_linear(x, weight, bias, lora_A, lora_B, scaling: float, dropout: float 
         run = kernels.forward
     x2 = x.reshape(-1, x.shape[-1]).contiguous()  # a no-op when already contiguous
     y, _ = run(x2, weight, bias, lora_A, lora_B, float(scaling), float(dropout), draw_seed(dropout))
-    return y.view(*x.shape[:-1], weight.shape[0])
+    # Not a view, as F.linear's output is not: FSDP2 warns on views (an in-place op on one would skip its
+    # pre-backward hook). Safe here: y itself is not saved for backward, so nothing sees it change.
+    return y if x.dim() == 2 else torch.ops.aten._unsafe_view(y, (*x.shape[:-1], weight.shape[0]))
