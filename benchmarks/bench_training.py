@@ -8,6 +8,10 @@ of the whole model's gradients.
 Trainer: the same model, adapters of the same rank, trained 4 steps by ``peftlite.hf.Trainer`` and by
 ``transformers.Trainer`` on PEFT's model; the checkpoint's bytes (all files, and the model or adapter
 files alone) and the time of ``save_model``.
+DPO: a training step of TRL's ``DPOTrainer`` (policy forward, reference forward with the adapters switched
+off, loss, backward) on the same model, pairs of ``--seq`` tokens (prompt and completions of a random-word
+vocabulary, fp32): ``peftlite.trl.DPOTrainer`` (reference: ``BaseReference``) against ``trl.DPOTrainer`` on
+PEFT's model (reference: PEFT's ``disable_adapter``), interleaved, ``--rounds`` x 4 steps each.
 Writes benchmarks/results/training-<device>.json.
 
     python benchmarks/bench_training.py [--hidden 512 --layers 4 --batch 2 --seq 128 --rounds 3]
@@ -156,6 +160,63 @@ def trainer_rows(args) -> list[dict]:
     return rows
 
 
+def preference_pairs(args):
+    """A word-level tokenizer over ``--vocab`` words and 8 (prompt, chosen, rejected) pairs of random words."""
+    import datasets
+    import tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = ["<pad>", "<eos>", "<unk>"] + [f"w{i}" for i in range(args.vocab - 3)]
+    vocab = tokenizers.Tokenizer(tokenizers.models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    vocab.pre_tokenizer = tokenizers.pre_tokenizers.WhitespaceSplit()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=vocab, pad_token="<pad>", eos_token="<eos>")
+    g = torch.Generator().manual_seed(0)
+
+    def text(n):
+        return " ".join(words[3 + int(i)] for i in torch.randint(0, args.vocab - 3, (n,), generator=g))
+
+    half = args.seq // 2
+    pairs = datasets.Dataset.from_dict({"prompt": [text(half) + " " for _ in range(8)],
+                                        "chosen": [text(half - 1) for _ in range(8)],
+                                        "rejected": [text(half - 1) for _ in range(8)]})
+    return tokenizer, pairs
+
+
+def dpo_rows(args) -> list[dict]:
+    import peft
+    import trl
+
+    from peftlite.trl import DPOTrainer
+
+    tokenizer, pairs = preference_pairs(args)
+    steps = {}
+    with tempfile.TemporaryDirectory() as scratch:
+        for name in ("peftlite", "peft"):
+            if name == "peftlite":
+                model, cls = peftlite.inject(build(args), rank=args.rank, alpha=2 * args.rank), DPOTrainer
+            else:
+                config = peft.LoraConfig(r=args.rank, lora_alpha=2 * args.rank, target_modules="all-linear")
+                model, cls = peft.get_peft_model(build(args), config), trl.DPOTrainer
+            model.config.pad_token_id = 0
+            targs = trl.DPOConfig(str(Path(scratch) / name), per_device_train_batch_size=args.batch, use_cpu=True,
+                                  bf16=False, report_to=[], max_length=args.seq + 8)
+            trainer = cls(model=model, args=targs, train_dataset=pairs, processing_class=tokenizer)
+            inputs = trainer.data_collator([trainer.train_dataset[i] for i in range(args.batch)])
+            trainer.model.train()
+            trainer.current_gradient_accumulation_steps = 1  # set by train(); the step is timed alone here
+
+            def step(trainer=trainer, inputs=inputs):
+                trainer.training_step(trainer.model, inputs)
+                trainer.model.zero_grad(set_to_none=True)
+
+            steps[name] = step
+        times = common.interleaved(steps, rounds=args.rounds, warmup=1, inner=4)
+    summary = common.summarize(times, baseline="peftlite", rival="peft")
+    shape = {"hidden": args.hidden, "layers": args.layers, "pairs": args.batch, "seq": args.seq, "rank": args.rank}
+    return [{"mode": "dpo step", "contender": name, **shape, "median_ms": summary[name]["median_ms"],
+             "peft_time_over_this": summary[name]["peft_time_over_this"]} for name in steps]
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--hidden", type=int, default=512)
@@ -167,6 +228,7 @@ def main():
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--only", choices=["dpo"], default=None, help="run the DPO rows alone")
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--child", choices=["single", "ddp"], default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -175,7 +237,7 @@ def main():
         if result["rank"] == 0:  # one line: the processes' outputs would interleave
             print(json.dumps(result), flush=True)
         return
-    rows = ddp_rows(args) + trainer_rows(args)
+    rows = dpo_rows(args) if args.only == "dpo" else ddp_rows(args) + trainer_rows(args) + dpo_rows(args)
     for row in rows:
         print({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items() if k != "files"})
     common.write_results("training", common.metadata(benchmark="training"), rows, args.out)

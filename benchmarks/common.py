@@ -32,7 +32,7 @@ def metadata(device: str = "cpu", **extra) -> dict:
     except (OSError, subprocess.CalledProcessError):
         commit = "unknown"
     versions = {"torch": torch.__version__}
-    for name in ("peft", "triton", "transformers"):
+    for name in ("peft", "triton", "transformers", "trl"):
         try:
             versions[name] = __import__(name).__version__
         except ImportError:
