@@ -2,8 +2,8 @@
 
 DDP: a Llama-style model built from a config with LoRA on every linear layer; each process runs one
 thread on its own batch (the same per-process batch as the single process); the step (forward, loss,
-backward, AdamW) is timed per process, the two-process run and the one-process run alternating
-(``--rounds`` each). A DDP communication hook counts the bytes all-reduced per step, against the bytes
+backward, AdamW) is timed per process, one process, two DDP processes and two processes training apart
+(no DDP: what sharing the machine alone costs) alternating (``--rounds`` each). A DDP communication hook counts the bytes all-reduced per step, against the bytes
 of the whole model's gradients.
 Trainer: the same model, adapters of the same rank, trained 4 steps by ``peftlite.hf.Trainer`` and by
 ``transformers.Trainer`` on PEFT's model; the checkpoint's bytes (all files, and the model or adapter
@@ -44,17 +44,18 @@ def build(args):
     return LlamaForCausalLM(config)
 
 
-def step_times(args, distributed: bool) -> dict:
-    """Median step seconds of this process, and bytes all-reduced per step (0 without DDP)."""
+def step_times(args, distributed: bool, wrap: bool = True) -> dict:
+    """Median step seconds of this process, and bytes all-reduced per step (0 without DDP). ``wrap=False``:
+    two processes each training alone (no DDP, nothing exchanged), the floor set by sharing the machine."""
     import torch.distributed as dist
 
     torch.set_num_threads(1)
     model = peftlite.inject(build(args), rank=args.rank, alpha=2 * args.rank).train()
     counted = [0]
     if distributed:
-        from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
-
         dist.init_process_group("gloo")
+    if distributed and wrap:
+        from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
 
         def counting(state, bucket):
             counted[0] += bucket.buffer().numel() * bucket.buffer().element_size()
@@ -84,10 +85,10 @@ def step_times(args, distributed: bool) -> dict:
     return result
 
 
-def launch_ddp(script: list[str]) -> dict:
-    """The 2-process child run; a launch whose gloo rendezvous stalls (it happens on shared VMs) is retried once."""
+def launch_pair(script: list[str], child: str) -> dict:
+    """A 2-process child run; a launch whose gloo rendezvous stalls (it happens on shared VMs) is retried once."""
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", *script,
-               "--child=ddp"]
+               f"--child={child}"]
     for attempt in range(2):
         try:
             done = subprocess.run(command, capture_output=True, text=True, check=True, timeout=300)
@@ -100,18 +101,20 @@ def launch_ddp(script: list[str]) -> dict:
 def ddp_rows(args) -> list[dict]:
     script = [sys.argv[0], *[f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items()
                              if k in ("hidden", "layers", "vocab", "batch", "seq", "rank", "steps", "warmup")]]
-    single, double = [], []
+    single, double, apart = [], [], []
     for _ in range(args.rounds):
         done = subprocess.run([sys.executable, *script, "--child=single"], capture_output=True, text=True, check=True)
         single.append(json.loads(done.stdout.strip().splitlines()[-1]))
-        double.append(launch_ddp(script))
-    one = statistics.median(r["seconds"] for r in single)
-    two = statistics.median(r["seconds"] for r in double)
+        double.append(launch_pair(script, "ddp"))
+        apart.append(launch_pair(script, "apart"))
+    one, two, floor = (statistics.median(r["seconds"] for r in runs) for runs in (single, double, apart))
     shape = {"hidden": args.hidden, "layers": args.layers, "batch_per_process": args.batch, "seq": args.seq,
              "rank": args.rank, "threads_per_process": 1}
     return [{"mode": "ddp", "contender": "1 process", **shape, "median_ms": 1e3 * one, "ratio_vs_one": 1.0},
+            {"mode": "ddp", "contender": "2 processes apart (no DDP)", **shape, "median_ms": 1e3 * floor,
+             "ratio_vs_one": floor / one},
             {"mode": "ddp", "contender": "2 processes (DDP, gloo)", **shape, "median_ms": 1e3 * two,
-             "ratio_vs_one": two / one, "allreduce_bytes_per_step": double[0]["allreduce_bytes"],
+             "ratio_vs_one": two / one, "ratio_vs_apart": two / floor, "allreduce_bytes_per_step": double[0]["allreduce_bytes"],
              "model_gradient_bytes": double[0]["gradient_bytes"],
              "allreduce_share": double[0]["allreduce_bytes"] / double[0]["gradient_bytes"]}]
 
@@ -230,10 +233,10 @@ def main():
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--only", choices=["dpo"], default=None, help="run the DPO rows alone")
     parser.add_argument("--out", type=Path, default=None)
-    parser.add_argument("--child", choices=["single", "ddp"], default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--child", choices=["single", "ddp", "apart"], default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child is not None:
-        result = step_times(args, distributed=args.child == "ddp")
+        result = step_times(args, distributed=args.child != "single", wrap=args.child == "ddp")
         if result["rank"] == 0:  # one line: the processes' outputs would interleave
             print(json.dumps(result), flush=True)
         return
