@@ -38,14 +38,17 @@ def test_benchmark_runs_and_writes_rows(script, tmp_path):
 
 def test_training_benchmark_runs_and_writes_rows(tmp_path):
     pytest.importorskip("peft")
+    pytest.importorskip("trl")
     out = tmp_path / "result.json"
     subprocess.run([sys.executable, str(BENCHMARKS / "bench_training.py"), "--hidden", "128", "--layers", "1", "--vocab",
                     "64", "--seq", "16", "--steps", "2", "--warmup", "1", "--rounds", "1", "--rank", "2", "--out",
                     str(out)], check=True, capture_output=True, text=True)
     rows = json.loads(out.read_text())["rows"]
-    ddp = next(row for row in rows if row["contender"].startswith("2 processes"))
-    assert 0 < ddp["allreduce_bytes_per_step"] < ddp["model_gradient_bytes"]
-    assert {row["contender"] for row in rows if row["mode"] == "trainer checkpoint"} == {"peftlite", "peft"}
+    ddp = next(row for row in rows if row["contender"] == "2 processes (DDP, gloo)")
+    assert 0 < ddp["allreduce_bytes_per_step"] < ddp["model_gradient_bytes"] and ddp["ratio_vs_apart"] > 0
+    assert any(row["contender"] == "2 processes apart (no DDP)" for row in rows)
+    for mode in ("trainer checkpoint", "dpo step"):
+        assert {row["contender"] for row in rows if row["mode"] == mode} == {"peftlite", "peft"}
 
 
 @pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux /proc")
