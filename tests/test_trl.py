@@ -2,6 +2,7 @@
 resumes, and a DPO reference that is the base model itself (the adapters switched off)."""
 
 import copy
+from pathlib import Path
 
 import pytest
 import torch
@@ -59,8 +60,9 @@ def randomize_b(model, seed=0):
 
 
 def config(cls, output, steps, **options):
-    return cls(str(output), max_steps=steps, per_device_train_batch_size=4, save_steps=2, learning_rate=1e-2,
-               use_cpu=True, report_to=[], seed=0, logging_steps=100, disable_tqdm=True, **options)
+    defaults = dict(per_device_train_batch_size=4, save_steps=2, learning_rate=1e-2, use_cpu=True, report_to=[],
+                    seed=0, logging_steps=100, disable_tqdm=True)
+    return cls(str(output), max_steps=steps, **{**defaults, **options})
 
 
 def logits(model, ids=torch.tensor([[5, 9, 13, 40, 7]])):
@@ -191,6 +193,29 @@ def test_dpo_trains_the_adapter_against_a_fixed_reference_and_resumes_exactly(tm
     resumed = run(tmp_path / "resumed", resume=tmp_path / "whole" / "checkpoint-2")
     for name, value in adapters(whole).items():
         assert torch.equal(value, adapters(resumed)[name]), name
+
+
+def dpo_run(output, pairs_per_process: int):
+    """3 DPO steps over the 8 preference pairs, each step on all of them (split over the processes under
+    ``torch.distributed.run``): every process count computes the same full-batch update."""
+    model = peftlite.inject(tiny_llama(), rank=4)
+    trainer = dpo_trainer(model, output, 3, per_device_train_batch_size=pairs_per_process, bf16=False,
+                          save_strategy="no")
+    trainer.train()
+    return model, trainer
+
+
+def test_dpo_on_two_ddp_processes_trains_like_one_on_the_whole_batch(tmp_path):
+    from tests.test_training_stacks import launch
+
+    done = launch(Path(__file__).resolve().parent / "dist_dpo.py", tmp_path / "two")
+    assert done.returncode == 0, done.stderr[-3000:]
+    single, _ = dpo_run(tmp_path / "one", pairs_per_process=8)
+    loaded = peftlite.load_adapter(tiny_llama(), tmp_path / "two" / "final")
+    for name, value in adapters(single).items():
+        torch.testing.assert_close(dict(loaded.named_parameters())[name], value, rtol=1e-5, atol=1e-6)
+    assert any((value - adapters(peftlite.inject(tiny_llama(), rank=4))[name]).abs().max() > 1e-3
+               for name, value in adapters(single).items())  # it trained
 
 
 def test_dpo_trainer_refuses_what_it_cannot_compute_and_leaves_the_model_unchanged(tmp_path):
