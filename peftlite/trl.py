@@ -14,6 +14,8 @@ alone (``peftlite.hf``). Three things TRL does only for PEFT's own model class a
 is imported only then).
 """
 
+import os
+
 from torch import nn
 
 from .adapters import disable_adapters, prefix_names
@@ -29,10 +31,11 @@ def holds_adapters(model) -> bool:
                                                  or prefix_names(unwrap(model)))
 
 
-def refuse_peft_config(trainer: str, model, peft_config) -> None:
+def refuse_peft_config(trainer: str, peft_config) -> None:
     if peft_config is not None:
-        raise PeftliteError(f"{trainer}: the model holds peftlite adapters and peft_config={type(peft_config).__name__} "
-                            "asks TRL to wrap it in PEFT's adapters too. Pass one or the other: drop peft_config.")
+        raise PeftliteError(f"{trainer}: the model holds peftlite adapters and peft_config="
+                            f"{type(peft_config).__name__} asks TRL to wrap it in PEFT's adapters too. Pass one or the "
+                            "other: drop peft_config.")
 
 
 def refuse_adapted_head(trainer: str, model: nn.Module) -> None:
@@ -78,6 +81,13 @@ def lora_dropouts(model: nn.Module) -> dict[str, float]:
             for name, s in layer.lora_settings.items() if s.dropout}
 
 
+def sharded_training(args) -> bool:
+    """FSDP or DeepSpeed, asked for in the config or by ``accelerate launch`` (its environment variables)."""
+    launched = any(os.environ.get(f"ACCELERATE_USE_{kind}", "false").lower() in ("1", "true")
+                   for kind in ("FSDP", "DEEPSPEED"))
+    return launched or (args is not None and bool(args.fsdp or args.deepspeed))
+
+
 def check_dpo(model: nn.Module, args, ref_model) -> None:
     """What ``DPOTrainer`` needs of an injected model (``args``: its ``DPOConfig``, None for TRL's
     defaults); checks, changes nothing."""
@@ -92,7 +102,7 @@ def check_dpo(model: nn.Module, args, ref_model) -> None:
     if prefix_names(unwrap(model)):
         raise PeftliteError("DPOTrainer: the model has a prefix, which cannot be switched off to give the reference "
                             "model. Pass ref_model= (a copy of the base model).")
-    if args is not None and (args.fsdp or args.deepspeed):
+    if sharded_training(args):
         raise PeftliteError("DPOTrainer: the reference is the policy with its adapters switched off, which is not "
                             "supported under FSDP or DeepSpeed (TRL shards a reference model separately). Pass "
                             "ref_model= (a copy of the base model), or train without them.")
@@ -107,7 +117,7 @@ def sft_trainer_class():
 
         def __init__(self, model, *args, peft_config=None, **kwargs):
             if holds_adapters(model):
-                refuse_peft_config("SFTTrainer", model, peft_config)
+                refuse_peft_config("SFTTrainer", peft_config)
                 refuse_adapted_head("SFTTrainer", unwrap(model))
             super().__init__(model, *args, peft_config=peft_config, **kwargs)
 
@@ -123,7 +133,7 @@ def dpo_trainer_class():
 
         def __init__(self, model, ref_model=None, args=None, *rest, peft_config=None, **kwargs):
             if holds_adapters(model):
-                refuse_peft_config("DPOTrainer", model, peft_config)
+                refuse_peft_config("DPOTrainer", peft_config)
                 refuse_adapted_head("DPOTrainer", unwrap(model))
                 check_dpo(unwrap(model), args, ref_model)
                 if ref_model is None:

@@ -218,7 +218,7 @@ def test_dpo_on_two_ddp_processes_trains_like_one_on_the_whole_batch(tmp_path):
                for name, value in adapters(single).items())  # it trained
 
 
-def test_dpo_trainer_refuses_what_it_cannot_compute_and_leaves_the_model_unchanged(tmp_path):
+def test_dpo_trainer_refuses_what_it_cannot_compute_and_leaves_the_model_unchanged(tmp_path, monkeypatch):
     cases = [
         (peftlite.inject(tiny_llama(), rank=4, dropout=0.1), {}, "disable_dropout=True.*dropout=0"),
         (peftlite.inject(tiny_llama(), rank=4, targets=["v_proj", "lm_head"]), {}, "output head"),
@@ -231,6 +231,10 @@ def test_dpo_trainer_refuses_what_it_cannot_compute_and_leaves_the_model_unchang
             dpo_trainer(model, tmp_path, 1, **options)
         assert before.keys() == model.state_dict().keys()
         assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    model = peftlite.inject(tiny_llama(), rank=4)
+    with monkeypatch.context() as env, pytest.raises(PeftliteError, match="FSDP or DeepSpeed"):
+        env.setenv("ACCELERATE_USE_FSDP", "true")  # what `accelerate launch` sets for an FSDP config
+        dpo_trainer(model, tmp_path, 1)
     kept = dpo_trainer(peftlite.inject(tiny_llama(), rank=4, dropout=0.1), tmp_path, 1, disable_dropout=False)
     assert isinstance(kept.ref_model, peftlite.trl.BaseReference)
 
