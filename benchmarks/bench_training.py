@@ -130,20 +130,24 @@ class Tokens(torch.utils.data.Dataset):
         return {"input_ids": self.ids[i], "labels": self.ids[i]}
 
 
-def trainer_rows(args) -> list[dict]:
+def twins(args, ours, theirs):
+    """``(name, model, trainer class)``: the model with peftlite's LoRA for ``ours``, with PEFT's (same rank,
+    alpha and targets) for ``theirs``."""
     import peft
+
+    yield "peftlite", peftlite.inject(build(args), rank=args.rank, alpha=2 * args.rank), ours
+    config = peft.LoraConfig(r=args.rank, lora_alpha=2 * args.rank, target_modules="all-linear")
+    yield "peft", peft.get_peft_model(build(args), config), theirs
+
+
+def trainer_rows(args) -> list[dict]:
     import transformers
 
     from peftlite.hf import Trainer
 
     rows = []
     with tempfile.TemporaryDirectory() as scratch:
-        for name in ("peftlite", "peft"):
-            if name == "peftlite":
-                model, cls = peftlite.inject(build(args), rank=args.rank, alpha=2 * args.rank), Trainer
-            else:
-                config = peft.LoraConfig(r=args.rank, lora_alpha=2 * args.rank, target_modules="all-linear")
-                model, cls = peft.get_peft_model(build(args), config), transformers.Trainer
+        for name, model, cls in twins(args, Trainer, transformers.Trainer):
             out = Path(scratch) / name
             targs = transformers.TrainingArguments(str(out), max_steps=4, save_steps=4, per_device_train_batch_size=2,
                                                    use_cpu=True, report_to=[], logging_steps=100)
@@ -186,7 +190,6 @@ def preference_pairs(args):
 
 
 def dpo_rows(args) -> list[dict]:
-    import peft
     import trl
 
     from peftlite.trl import DPOTrainer
@@ -194,12 +197,7 @@ def dpo_rows(args) -> list[dict]:
     tokenizer, pairs = preference_pairs(args)
     steps = {}
     with tempfile.TemporaryDirectory() as scratch:
-        for name in ("peftlite", "peft"):
-            if name == "peftlite":
-                model, cls = peftlite.inject(build(args), rank=args.rank, alpha=2 * args.rank), DPOTrainer
-            else:
-                config = peft.LoraConfig(r=args.rank, lora_alpha=2 * args.rank, target_modules="all-linear")
-                model, cls = peft.get_peft_model(build(args), config), trl.DPOTrainer
+        for name, model, cls in twins(args, DPOTrainer, trl.DPOTrainer):
             model.config.pad_token_id = 0
             targs = trl.DPOConfig(str(Path(scratch) / name), per_device_train_batch_size=args.batch, use_cpu=True,
                                   bf16=False, report_to=[], max_length=args.seq + 8)

@@ -9,6 +9,8 @@ import torch
 
 import peftlite
 from peftlite import PeftliteError
+from tests import models
+from tests.models import assert_unchanged, randomize_lora, snapshot
 
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
@@ -30,11 +32,7 @@ def tokenizer():
 
 
 def tiny_llama():
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(vocab_size=len(WORDS), hidden_size=32, intermediate_size=48,
-                                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                                      pad_token_id=0, eos_token_id=1, bos_token_id=None)
-    return transformers.LlamaForCausalLM(config)
+    return models.tiny_llama(pad_token_id=0, eos_token_id=1, bos_token_id=None)  # ids of WORDS' tokens
 
 
 def sentences(count: int, length: int, seed: int) -> list[str]:
@@ -49,14 +47,6 @@ def preferences():
 
 def adapters(model):
     return {n: p.detach().clone() for n, p in model.named_parameters() if "lora" in n}
-
-
-def randomize_b(model, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
 
 
 def config(cls, output, steps, **options):
@@ -121,7 +111,7 @@ def test_sft_trainer_refuses_an_adapter_the_fused_loss_would_skip():
     from peftlite.trl import SFTTrainer
 
     model = peftlite.inject(tiny_llama(), rank=4, targets=["q_proj", "lm_head"])
-    before = {k: v.clone() for k, v in model.state_dict().items()}
+    before = snapshot(model)
     args = config(trl.SFTConfig, "unused", 1)
     data = datasets.Dataset.from_dict({"text": sentences(4, 6, 0)})
     with pytest.raises(PeftliteError, match="output head.*lm_head.weight directly"):
@@ -129,7 +119,7 @@ def test_sft_trainer_refuses_an_adapter_the_fused_loss_would_skip():
     with pytest.raises(PeftliteError, match="peft_config"):
         SFTTrainer(model=peftlite.inject(tiny_llama(), rank=2), args=args, train_dataset=data,
                    processing_class=tokenizer(), peft_config=peft.LoraConfig(r=2))
-    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    assert_unchanged(model, before)
 
 
 # ---- DPOTrainer: the reference is the base model ----
@@ -160,7 +150,7 @@ def test_dpo_reference_is_the_base_model_exactly(tmp_path):
 
     base = tiny_llama()
     model = peftlite.inject(copy.deepcopy(base), rank=4)
-    randomize_b(model)  # the policy differs from the base from the start
+    randomize_lora(model, std=0.3)  # the policy differs from the base from the start
     trainer = dpo_trainer(model, tmp_path, 1, bf16=False)  # TRL's default runs the reference under bf16 autocast
     assert isinstance(trainer.ref_model, peftlite.trl.BaseReference)
     inputs = batch(trainer)
@@ -226,15 +216,16 @@ def test_dpo_trainer_refuses_what_it_cannot_compute_and_leaves_the_model_unchang
         (peftlite.inject(tiny_llama(), method="prefix", prefix_len=3), {}, "prefix.*ref_model="),
     ]
     for model, options, message in cases:
-        before = {k: v.clone() for k, v in model.state_dict().items()}
+        before = snapshot(model)
         with pytest.raises(PeftliteError, match=message):
             dpo_trainer(model, tmp_path, 1, **options)
-        assert before.keys() == model.state_dict().keys()
-        assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+        assert_unchanged(model, before)
     model = peftlite.inject(tiny_llama(), rank=4)
+    before = snapshot(model)
     with monkeypatch.context() as env, pytest.raises(PeftliteError, match="FSDP or DeepSpeed"):
         env.setenv("ACCELERATE_USE_FSDP", "true")  # what `accelerate launch` sets for an FSDP config
         dpo_trainer(model, tmp_path, 1)
+    assert_unchanged(model, before)
     kept = dpo_trainer(peftlite.inject(tiny_llama(), rank=4, dropout=0.1), tmp_path, 1, disable_dropout=False)
     assert isinstance(kept.ref_model, peftlite.trl.BaseReference)
 
