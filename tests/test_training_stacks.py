@@ -219,9 +219,9 @@ def test_reentrant_checkpointing_after_a_frozen_embedding_trains_lora_without_a_
 
 # ---- mixed precision ----
 
-def autocast_error(model, x, names):
-    """Norm-wise relative error of the gradients of ``names`` under bf16 autocast against float32, and the
-    float32 activations ([tokens, ...]) autograd saved under autocast."""
+def autocast_error(model, x, names, dtype=torch.bfloat16):
+    """Norm-wise relative error of the gradients of ``names`` under ``dtype`` autocast (on x's device) against
+    float32, and the float32 activations ([tokens, ...]) autograd saved under autocast."""
     model.zero_grad()
     model(x).square().mean().backward()
     expected = {n: p.grad.clone() for n, p in model.named_parameters() if n in names}
@@ -233,29 +233,34 @@ def autocast_error(model, x, names):
             saved.append(tuple(t.shape))
         return t
 
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), torch.autocast(x.device.type, dtype=dtype):
         out = model(x)
     out.float().square().mean().backward()
     params = dict(model.named_parameters())
     return {n: float((params[n].grad - g).norm() / g.norm()) for n, g in expected.items()}, out, saved
 
 
-def test_autocast_matches_fp32_with_fp32_master_adapters_and_saves_no_fp32_activations():
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@pytest.mark.parametrize("device, dtype", [("cpu", torch.bfloat16), pytest.param("cuda", torch.float16, marks=CUDA),
+                                           pytest.param("cuda", torch.bfloat16, marks=CUDA)])
+def test_autocast_matches_fp32_with_fp32_master_adapters_and_saves_no_fp32_activations(device, dtype):
     torch.manual_seed(0)
-    model = peftlite.inject(TinyMLP(dims=(64, 96, 80)), rank=4)
+    model = peftlite.inject(TinyMLP(dims=(64, 96, 80)), rank=4).to(device)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "lora_B" in name:
                 p.normal_(0, 0.2)
-    x = torch.randn(33, 64)
+    x = torch.randn(33, 64).to(device)
     reference = model(x).detach()
     lora = [n for n, p in model.named_parameters() if p.requires_grad]
-    errors, out, saved = autocast_error(model, x, lora)
+    errors, out, saved = autocast_error(model, x, lora, dtype)
     torch.testing.assert_close(out.float(), reference, rtol=3e-2, atol=3e-2)
     assert all(dict(model.named_parameters())[n].grad.dtype == torch.float32 for n in lora)  # fp32 master adapters
     # what autocast itself costs and keeps: the same network, merged and trained whole, in plain PyTorch
     plain = peftlite.unload(model).requires_grad_(True)
-    plain_errors, _, plain_saved = autocast_error(plain, x, ["fc1.weight", "fc2.weight"])
+    plain_errors, _, plain_saved = autocast_error(plain, x, ["fc1.weight", "fc2.weight"], dtype)
     for name, error in errors.items():
         layer = name.split(".")[0]
         assert error <= 1.5 * plain_errors[f"{layer}.weight"], (name, error, plain_errors)
