@@ -24,16 +24,29 @@ SLOT = "save_pretrained"
 
 
 class AdapterSave:
-    """``model.save_pretrained(directory, ...)`` for an injected model: ``peftlite.save_adapter``."""
+    """``model.save_pretrained(directory, ...)`` for an injected model: ``peftlite.save_adapter``.
+
+    An FSDP2-sharded model: without ``state_dict``, every rank takes part (gathering is a collective;
+    rank 0 writes), whatever ``is_main_process`` says; with one (transformers' Trainer under FSDP
+    gathers it on every rank, then calls this on rank 0 alone), the adapter is written from it, by
+    this rank alone.
+    """
 
     def __init__(self, model: nn.Module):
         self.model = model
 
-    def __call__(self, save_directory, *args, is_main_process: bool = True, **kwargs):
+    def __call__(self, save_directory, *args, is_main_process: bool = True, state_dict=None, **kwargs):
         from .io import save_adapter
+        from .sharding import given_values, sharded_model
 
-        if is_main_process:
+        if not sharded_model(self.model):
+            if is_main_process:
+                save_adapter(self.model, save_directory)
+        elif state_dict is None:
             save_adapter(self.model, save_directory)
+        elif is_main_process:
+            with given_values(self.model, state_dict):
+                save_adapter(self.model, save_directory)
 
 
 def pretrained_class():

@@ -3,9 +3,13 @@
 Saving gathers each adapter tensor whole (a collective: every rank calls ``save_adapter``) and
 rank 0 writes; loading into held adapters scatters the file's values to each rank's shard. What
 needs whole weights in one place (merging, adding adapters to a sharded module) is refused with
-what to do instead.
+what to do instead. Inside :func:`given_values`, a save takes the whole tensors from a state dict
+gathered beforehand instead, and the one rank that calls it writes alone (transformers' Trainer
+under FSDP gathers the model's state dict on every rank, then calls ``save_pretrained`` on rank 0).
 """
 
+import contextlib
+import contextvars
 import sys
 
 import torch
@@ -24,9 +28,41 @@ def is_sharded(tensor) -> bool:
     return cls is not None and isinstance(tensor, cls)
 
 
+GIVEN = contextvars.ContextVar("peftlite_given_values", default=None)  # {id(sharded tensor): its whole value}
+
+
+@contextlib.contextmanager
+def given_values(model: nn.Module, state_dict: dict):
+    """Inside the block, :func:`whole` of a sharded parameter or buffer of ``model`` is its value in
+    ``state_dict`` (full tensors, keyed as ``model.state_dict()``), and saves write from this rank alone."""
+    tensors = {**dict(model.named_parameters(remove_duplicate=False)),
+               **dict(model.named_buffers(remove_duplicate=False))}
+    token = GIVEN.set({id(t): state_dict[name] for name, t in tensors.items() if name in state_dict})
+    try:
+        yield
+    finally:
+        GIVEN.reset(token)
+
+
 def whole(tensor: torch.Tensor) -> torch.Tensor:
-    """The full tensor of a DTensor (gathered from every rank: a collective), or the tensor itself."""
-    return tensor.full_tensor() if is_sharded(tensor) else tensor
+    """The full tensor of a DTensor (gathered from every rank: a collective; or given, see
+    :func:`given_values`), or the tensor itself. Pass the parameter itself, not a detached copy."""
+    if not is_sharded(tensor):
+        return tensor.detach()
+    given = GIVEN.get()
+    if given is None:
+        return tensor.full_tensor().detach()
+    if id(tensor) not in given:
+        raise PeftliteError(f"save: the state dict handed to save_pretrained lacks a sharded tensor of shape "
+                            f"{tuple(tensor.shape)} that the adapter holds; pass the model's full state dict "
+                            "(e.g. torch.distributed.checkpoint.state_dict.get_model_state_dict with "
+                            "full_state_dict=True), or call save_adapter on every rank instead.")
+    value = given[id(tensor)]
+    if is_sharded(value) or tuple(value.shape) != tuple(tensor.shape):
+        raise PeftliteError(f"save: the state dict handed to save_pretrained holds a {type(value).__name__} of shape "
+                            f"{tuple(value.shape)} for a sharded tensor of shape {tuple(tensor.shape)}; expected the "
+                            "whole tensor (a full state dict).")
+    return value.detach()
 
 
 def assign(param: torch.Tensor, value: torch.Tensor) -> None:
@@ -50,7 +86,7 @@ def refuse_sharded(model: nn.Module, action: str, fix: str) -> None:
 
 def writes_here(model: nn.Module) -> bool:
     """Whether this process writes a save of ``model``: always, except rank != 0 of a sharded model."""
-    if not sharded_model(model):
+    if not sharded_model(model) or GIVEN.get() is not None:
         return True
     import torch.distributed as dist
 
@@ -58,8 +94,9 @@ def writes_here(model: nn.Module) -> bool:
 
 
 def wait_for_rank_0(model: nn.Module) -> None:
-    """On a sharded model, every rank returns from a save once rank 0 has written it."""
-    if sharded_model(model):
+    """On a sharded model, every rank returns from a save once rank 0 has written it (a save from given
+    values is this rank's alone: no barrier)."""
+    if sharded_model(model) and GIVEN.get() is None:
         import torch.distributed as dist
 
         if dist.is_initialized():

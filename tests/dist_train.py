@@ -46,6 +46,7 @@ def main(mode: str, dtype: str, out: str) -> None:
             peftlite.save_adapter(wrapped, out)
     else:
         peftlite.save_adapter(model, out)  # every rank gathers; rank 0 writes
+        save_as_transformers_does(model, out, rank)
         try:
             peftlite.merge(model)
             raise AssertionError("merge of a sharded model did not raise")
@@ -54,6 +55,26 @@ def main(mode: str, dtype: str, out: str) -> None:
         peftlite.load_adapter(model, out)  # into the sharded model: each rank takes its shard back
     dist.barrier()
     dist.destroy_process_group()
+
+
+def save_as_transformers_does(model: nn.Module, out: str, rank: int) -> None:
+    """``save_pretrained`` of an injected transformers model on a sharded model, both ways it is called:
+    by the Trainer under FSDP (the full state dict gathered on every rank, then rank 0 alone saves with
+    it) and by a script on every rank with ``is_main_process``. Neither may hang or write a shard."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    from peftlite.hf import AdapterSave
+
+    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if rank == 0:
+        AdapterSave(model)(f"{out}-given", state_dict=full, is_main_process=True)
+        try:  # a state dict without the adapter (a sharded or partial one): refused, nothing written
+            AdapterSave(model)(f"{out}-partial", state_dict={}, is_main_process=True)
+            raise AssertionError("a save from an empty state dict did not raise")
+        except PeftliteError as err:
+            assert "lacks a sharded tensor" in str(err) and not Path(f"{out}-partial").exists()
+    dist.barrier()
+    AdapterSave(model)(f"{out}-every", is_main_process=rank == 0)
 
 
 def single_process(dtype) -> nn.Module:

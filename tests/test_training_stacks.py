@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import safetensors.torch
 import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
@@ -137,6 +138,11 @@ def test_two_processes_train_like_one_on_the_whole_batch_and_save_whole_adapters
         got = dict(loaded.named_parameters())[name]
         assert got.shape == value.shape and got.dtype == torch.float32  # whole fp32 tensors, never a shard
         torch.testing.assert_close(got, value, **tolerance)
+    if mode == "fsdp":  # save_pretrained as the Trainer calls it (rank 0 alone, a gathered state dict) and per rank
+        saved = safetensors.torch.load_file(tmp_path / "adapter" / "adapter_model.safetensors")
+        for way in ("given", "every"):
+            again = safetensors.torch.load_file(tmp_path / f"adapter-{way}" / "adapter_model.safetensors")
+            assert again.keys() == saved.keys() and all(torch.equal(again[k], saved[k]) for k in saved), way
 
 
 @pytest.mark.parametrize("shape", [(5, 12), (2, 3, 12)])

@@ -29,8 +29,9 @@ def payload(model: nn.Module, name: str) -> tuple[dict, dict]:
     adapters = {path: m for path, m in model.named_modules() if isinstance(m, Adapter) and name in m.adapter}
     if "" in adapters:
         raise PeftliteError("save_adapter needs the model that contains the Adapter, not the Adapter itself.")
-    tensors = {f"{PREFIX}{path}.adapter.{key}": whole(tensor.detach()).to("cpu").contiguous()
-               for path, adapter in adapters.items() for key, tensor in adapter.adapter[name].state_dict().items()}
+    tensors = {f"{PREFIX}{path}.adapter.{key}": whole(tensor).to("cpu").contiguous()
+               for path, adapter in adapters.items()
+               for key, tensor in adapter.adapter[name].state_dict(keep_vars=True).items()}
     config = {"peft_type": PEFT_TYPE, "task_type": None,
               "modules": {path: options(a, name) for path, a in adapters.items()}}
     return tensors, config

@@ -49,8 +49,8 @@ def adapter_tensors(layers: dict[str, LoRALayer], name: str) -> dict:
     tensors = {}
     for path, layer in layers.items():
         key_a, key_b = layer.lora_kind.peft_keys
-        tensors[weight_key(path, key_a)] = whole(layer.lora_A[name].detach()).to("cpu").contiguous()
-        tensors[weight_key(path, key_b)] = whole(layer.lora_B[name].detach()).to("cpu").contiguous()
+        tensors[weight_key(path, key_a)] = whole(layer.lora_A[name]).to("cpu").contiguous()
+        tensors[weight_key(path, key_b)] = whole(layer.lora_B[name]).to("cpu").contiguous()
     return tensors
 
 

@@ -40,8 +40,8 @@ def trained_modules(model: nn.Module) -> dict[str, nn.Module]:
 
 def tensors(modules: dict[str, nn.Module], prefix: str) -> dict:
     """``<prefix><module>.<key>`` for every state-dict entry of the given whole modules."""
-    return {f"{prefix}{name}.{key}": whole(tensor.detach()).to("cpu").contiguous()
-            for name, module in modules.items() for key, tensor in module.state_dict().items()}
+    return {f"{prefix}{name}.{key}": whole(tensor).to("cpu").contiguous()
+            for name, module in modules.items() for key, tensor in module.state_dict(keep_vars=True).items()}
 
 
 def listed(model: nn.Module, config: dict, source: str) -> set[str]:
