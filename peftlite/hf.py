@@ -26,10 +26,10 @@ SLOT = "save_pretrained"
 class AdapterSave:
     """``model.save_pretrained(directory, ...)`` for an injected model: ``peftlite.save_adapter``.
 
-    An FSDP2-sharded model: without ``state_dict``, every rank takes part (gathering is a collective;
-    rank 0 writes), whatever ``is_main_process`` says; with one (transformers' Trainer under FSDP
-    gathers it on every rank, then calls this on rank 0 alone), the adapter is written from it, by
-    this rank alone.
+    With ``state_dict``, the adapter is written from it, as transformers' ``save_pretrained`` writes the
+    state dict it is given (the Trainer under FSDP or DeepSpeed gathers it on every rank, then calls this
+    on the main process alone: no collective is started here). Without one, on an FSDP2-sharded model
+    every rank takes part (gathering is a collective; rank 0 writes), whatever ``is_main_process`` says.
     """
 
     def __init__(self, model: nn.Module):
@@ -39,14 +39,12 @@ class AdapterSave:
         from .io import save_adapter
         from .sharding import given_values, sharded_model
 
-        if not sharded_model(self.model):
+        if state_dict is not None:
             if is_main_process:
-                save_adapter(self.model, save_directory)
-        elif state_dict is None:
+                with given_values(self.model, state_dict):
+                    save_adapter(self.model, save_directory)
+        elif sharded_model(self.model) or is_main_process:
             save_adapter(self.model, save_directory)
-        elif is_main_process:
-            with given_values(self.model, state_dict):
-                save_adapter(self.model, save_directory)
 
 
 def pretrained_class():

@@ -3,9 +3,10 @@
 Saving gathers each adapter tensor whole (a collective: every rank calls ``save_adapter``) and
 rank 0 writes; loading into held adapters scatters the file's values to each rank's shard. What
 needs whole weights in one place (merging, adding adapters to a sharded module) is refused with
-what to do instead. Inside :func:`given_values`, a save takes the whole tensors from a state dict
-gathered beforehand instead, and the one rank that calls it writes alone (transformers' Trainer
-under FSDP gathers the model's state dict on every rank, then calls ``save_pretrained`` on rank 0).
+what to do instead. Inside :func:`given_values`, a save takes the tensors from a state dict given to
+it instead (``save_pretrained(state_dict=...)``), and the one rank that calls it writes alone
+(transformers' Trainer under FSDP gathers the model's state dict on every rank, then calls
+``save_pretrained`` on rank 0 with it).
 """
 
 import contextlib
@@ -33,8 +34,8 @@ GIVEN = contextvars.ContextVar("peftlite_given_values", default=None)  # {id(sha
 
 @contextlib.contextmanager
 def given_values(model: nn.Module, state_dict: dict):
-    """Inside the block, :func:`whole` of a sharded parameter or buffer of ``model`` is its value in
-    ``state_dict`` (full tensors, keyed as ``model.state_dict()``), and saves write from this rank alone."""
+    """Inside the block, :func:`whole` of a parameter or buffer of ``model`` is its value in ``state_dict``
+    (full tensors, keyed as ``model.state_dict()``) where it has one, and saves write from this rank alone."""
     tensors = {**dict(model.named_parameters(remove_duplicate=False)),
                **dict(model.named_buffers(remove_duplicate=False))}
     token = GIVEN.set({id(t): state_dict[name] for name, t in tensors.items() if name in state_dict})
@@ -45,23 +46,29 @@ def given_values(model: nn.Module, state_dict: dict):
 
 
 def whole(tensor: torch.Tensor) -> torch.Tensor:
-    """The full tensor of a DTensor (gathered from every rank: a collective; or given, see
-    :func:`given_values`), or the tensor itself. Pass the parameter itself, not a detached copy."""
+    """The full value of a parameter or buffer: given (see :func:`given_values`), gathered from every rank
+    for a DTensor (a collective), or the tensor itself. Pass the parameter itself, not a detached copy."""
+    given = GIVEN.get()
+    if given is not None and id(tensor) in given:
+        return checked_value(given[id(tensor)], tensor)
     if not is_sharded(tensor):
         return tensor.detach()
-    given = GIVEN.get()
-    if given is None:
-        return tensor.full_tensor().detach()
-    if id(tensor) not in given:
+    if given is not None:
         raise PeftliteError(f"save: the state dict handed to save_pretrained lacks a sharded tensor of shape "
                             f"{tuple(tensor.shape)} that the adapter holds; pass the model's full state dict "
                             "(e.g. torch.distributed.checkpoint.state_dict.get_model_state_dict with "
                             "full_state_dict=True), or call save_adapter on every rank instead.")
-    value = given[id(tensor)]
-    if is_sharded(value) or tuple(value.shape) != tuple(tensor.shape):
-        raise PeftliteError(f"save: the state dict handed to save_pretrained holds a {type(value).__name__} of shape "
-                            f"{tuple(value.shape)} for a sharded tensor of shape {tuple(tensor.shape)}; expected the "
-                            "whole tensor (a full state dict).")
+    return tensor.full_tensor().detach()
+
+
+def checked_value(value, tensor: torch.Tensor) -> torch.Tensor:
+    """A given value must be whole: a plain tensor of the parameter's shape (of any shape where this
+    process holds none of it: an empty, partitioned parameter)."""
+    if not isinstance(value, torch.Tensor) or is_sharded(value) or \
+            (tensor.numel() and tuple(value.shape) != tuple(tensor.shape)):
+        raise PeftliteError(f"save: the state dict handed to save_pretrained holds "
+                            f"{type(value).__name__}{tuple(getattr(value, 'shape', ()))} for a parameter of shape "
+                            f"{tuple(tensor.shape)}; expected the whole tensor (a full state dict).")
     return value.detach()
 
 

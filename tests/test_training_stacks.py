@@ -104,6 +104,27 @@ def test_save_pretrained_of_an_injected_model_never_drops_the_adapter_silently(t
                                rtol=1e-5, atol=1e-5)
 
 
+def test_save_pretrained_writes_the_state_dict_it_is_given_and_never_an_empty_tensor(tmp_path):
+    model = peftlite.inject(tiny_llama(), rank=2)
+    given = {k: v + 1.0 if "lora" in k else v for k, v in model.state_dict().items()}
+    model.save_pretrained(tmp_path / "given", state_dict=given)  # as transformers' save_pretrained does
+    loaded = dict(peftlite.load_adapter(tiny_llama(), tmp_path / "given").named_parameters())
+    assert all(torch.equal(loaded[k], v) for k, v in given.items() if "lora" in k)
+    full = {k: v.clone() for k, v in model.state_dict().items()}
+    layer = model.model.layers[0].self_attn.q_proj
+    layer.lora_A["default"].data = torch.empty(0)  # what DeepSpeed ZeRO-3 leaves a rank of a partitioned parameter
+    with pytest.raises(PeftliteError, match=r"empty .*q_proj\.lora_A.*partitioned.*nothing was written"):
+        peftlite.save_adapter(model, tmp_path / "partitioned")
+    assert not (tmp_path / "partitioned").exists()
+    model.save_pretrained(tmp_path / "gathered", state_dict=full)  # the Trainer's gathered state dict: whole again
+    loaded = dict(peftlite.load_adapter(tiny_llama(), tmp_path / "gathered").named_parameters())
+    assert all(torch.equal(loaded[k], v) for k, v in full.items() if "lora" in k)
+    with pytest.raises(PeftliteError, match="expected the whole tensor"):
+        model.save_pretrained(tmp_path / "bad", state_dict={**full, "model.layers.1.mlp.up_proj.lora_B.default":
+                                                            torch.zeros(3)})
+    assert not (tmp_path / "bad").exists()
+
+
 # ---- DDP and FSDP2: two gloo processes under torch.distributed.run (tests/dist_train.py) ----
 
 def launch(*args) -> subprocess.CompletedProcess:

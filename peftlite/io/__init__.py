@@ -84,6 +84,7 @@ def save_adapter(model: nn.Module, directory, method: str | None = None, name: s
     for n, (method_n,) in held.items():
         tensors, config = payload(model, method_n, n)
         tensors.update(saved_modules.tensors(whole, KEY_PREFIX[config["peft_type"]]))
+        refuse_empty(tensors)
         config["modules_to_save"] = sorted(whole) or None
         folder = directory if len(held) == 1 or n == "default" else directory / n
         writes.append((folder, tensors, config))
@@ -110,6 +111,17 @@ def present_methods(model: nn.Module) -> list[str]:
     found = {"lora": bool(lora_format.lora_layers(model)), "adapter": bool(adapter_modules(model)),
              "prefix": prefix_attach.prefix_encoder(model) is not None}
     return [method for method, here in found.items() if here]
+
+
+def refuse_empty(tensors: dict) -> None:
+    """No adapter tensor is empty (rank and features are >= 1): an empty one is a parameter partitioned
+    away from this process (DeepSpeed ZeRO-3 leaves each rank an empty ``param.data``)."""
+    empty = [key for key, tensor in tensors.items() if tensor.numel() == 0]
+    if empty:
+        raise PeftliteError(f"save_adapter: {len(empty)} tensors to save are empty ({', '.join(empty[:3])}"
+                            f"{', ...' if len(empty) > 3 else ''}): their values are partitioned away from this "
+                            "process (DeepSpeed ZeRO-3?). Gather them first (deepspeed.zero.GatheredParameters), or "
+                            "save through the Trainer's save_model; nothing was written.")
 
 
 def payload(model: nn.Module, method: str, name: str) -> tuple[dict, dict]:
