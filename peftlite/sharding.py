@@ -29,7 +29,7 @@ def is_sharded(tensor) -> bool:
     return cls is not None and isinstance(tensor, cls)
 
 
-GIVEN = contextvars.ContextVar("peftlite_given_values", default=None)  # {id(sharded tensor): its whole value}
+GIVEN = contextvars.ContextVar("peftlite_given_values", default=None)  # {id(parameter or buffer): value}
 
 
 @contextlib.contextmanager
