@@ -121,7 +121,8 @@ def refuse_empty(tensors: dict) -> None:
         raise PeftliteError(f"save_adapter: {len(empty)} tensors to save are empty ({', '.join(empty[:3])}"
                             f"{', ...' if len(empty) > 3 else ''}): their values are partitioned away from this "
                             "process (DeepSpeed ZeRO-3?). Gather them first (deepspeed.zero.GatheredParameters), or "
-                            "save through the Trainer's save_model; nothing was written.")
+                            "pass the gathered full state dict: model.save_pretrained(dir, state_dict=...); nothing "
+                            "was written.")
 
 
 def payload(model: nn.Module, method: str, name: str) -> tuple[dict, dict]:
