@@ -8,6 +8,11 @@ median of per-round ratios against the frozen base and against PEFT's same metho
 parameters and saved-activation bytes. Writes benchmarks/results/model-<device>.json.
 
     python benchmarks/bench_model.py [--hidden 512 --layers 4 --batch 2 --seq 256 --threads 2]
+    python benchmarks/bench_model.py --compile   # LoRA eager and under torch.compile, side by side
+
+With ``--compile`` the contenders are the base and LoRA (peftlite, PEFT), each eager and as
+``torch.compile(model)`` (a copy of the same weights; warmed up past compilation, compile time reported
+apart); compiled rows also carry their ratio to the compiled base. Writes model-compile-<device>.json.
 """
 
 import argparse
@@ -17,6 +22,7 @@ import gc
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -32,10 +38,14 @@ def lora_name(library: str, dropout: float) -> str:
     return f"{library} lora" + (f" p={dropout:g}" if dropout else "")
 
 
+COMPILED = " compiled"
+
+
 def rivals(args) -> dict[str, str]:
-    """{peftlite contender: PEFT's same method}."""
+    """{peftlite contender: PEFT's same method}, eager and compiled."""
     pairs = {lora_name("peftlite", p): lora_name("peft", p) for p in args.lora_dropouts}
-    return {**pairs, "peftlite prefix": "peft prefix"}
+    pairs = {**pairs, "peftlite prefix": "peft prefix"}
+    return {**pairs, **{ours + COMPILED: theirs + COMPILED for ours, theirs in pairs.items()}}
 
 
 def build_base(args):
@@ -54,9 +64,10 @@ def contenders(base, args) -> dict:
     for p in args.lora_dropouts:
         models[lora_name("peftlite", p)] = peftlite.inject(copy.deepcopy(base), rank=args.rank, alpha=2 * args.rank,
                                                            dropout=p)
-    models["peftlite adapter"] = peftlite.inject(copy.deepcopy(base), method="adapter",
-                                                 targets=["o_proj", "down_proj"], reduction_factor=16)
-    models["peftlite prefix"] = peftlite.inject(copy.deepcopy(base), method="prefix", prefix_len=args.prefix)
+    if not args.compile:
+        models["peftlite adapter"] = peftlite.inject(copy.deepcopy(base), method="adapter",
+                                                     targets=["o_proj", "down_proj"], reduction_factor=16)
+        models["peftlite prefix"] = peftlite.inject(copy.deepcopy(base), method="prefix", prefix_len=args.prefix)
     try:
         from peft import LoraConfig, PrefixTuningConfig, get_peft_model
     except ImportError:
@@ -65,9 +76,26 @@ def contenders(base, args) -> dict:
     for p in args.lora_dropouts:
         models[lora_name("peft", p)] = get_peft_model(copy.deepcopy(base), LoraConfig(
             r=args.rank, lora_alpha=2 * args.rank, lora_dropout=p, target_modules="all-linear", task_type="CAUSAL_LM"))
-    models["peft prefix"] = get_peft_model(copy.deepcopy(base), PrefixTuningConfig(
-        num_virtual_tokens=args.prefix, task_type="CAUSAL_LM"))
+    if not args.compile:
+        models["peft prefix"] = get_peft_model(copy.deepcopy(base), PrefixTuningConfig(
+            num_virtual_tokens=args.prefix, task_type="CAUSAL_LM"))
     return models
+
+
+def compiled_twins(models: dict) -> dict:
+    """Each contender beside ``torch.compile`` of a copy of it (the same weights, its own parameters)."""
+    return {**models, **{name + COMPILED: torch.compile(copy.deepcopy(model)) for name, model in models.items()}}
+
+
+def compile_seconds(steps: dict) -> dict[str, float]:
+    """Seconds of the first call of each compiled step (tracing and code generation), run once here."""
+    seconds = {}
+    for name, step in steps.items():
+        if name.endswith(COMPILED):
+            start = time.perf_counter()
+            step()
+            seconds[name] = time.perf_counter() - start
+    return seconds
 
 
 def train_step(model, embeds, labels):
@@ -107,6 +135,8 @@ def setup(args):
     """(contenders, token ids, input embeddings that require grad)."""
     base = build_base(args)
     models = contenders(base, args)
+    if args.compile:
+        models = compiled_twins(models)
     torch.manual_seed(1)
     ids = torch.randint(0, args.vocab, (args.batch, args.seq), device=args.device)
     embeds = base.get_input_embeddings()(ids).detach().requires_grad_(True)
@@ -159,12 +189,14 @@ def run(args) -> list[dict]:
     for model in models.values():
         model.train()
     steps = {name: train_step(model, embeds, ids) for name, model in models.items()}
+    compile_time = compile_seconds(steps)
     train = common.interleaved(steps, args.rounds, args.warmup)
     peak = {name: peak_bytes(step) for name, step in steps.items()}
-    measure_rss = args.device == "cpu" and not args.no_peak_rss and Path("/proc/self/clear_refs").exists()
+    measure_rss = args.device == "cpu" and not args.no_peak_rss and not args.compile \
+        and Path("/proc/self/clear_refs").exists()
     rss = peak_rss_bytes(models) if measure_rss else {}
     saved = {name: common.saved_activation_bytes(lambda m=model: m(inputs_embeds=embeds, labels=ids).loss)
-             for name, model in models.items()}
+             for name, model in models.items() if not name.endswith(COMPILED)}
     for model in models.values():
         model.eval()
     infer = common.interleaved({name: infer_step(model, embeds) for name, model in models.items()
@@ -177,7 +209,12 @@ def run(args) -> list[dict]:
             dropout = next((p for p in args.lora_dropouts if name.endswith(lora_name("", p))), None)
             row = {"mode": mode, "contender": name, **shape, **stats, "lora_dropout": dropout,
                    "trainable": sum(p.numel() for p in models[name].parameters() if p.requires_grad)}
-            if mode == "train step":
+            if name.endswith(COMPILED):
+                row["ratio_vs_compiled_base"] = common.summarize({name: times[name], "base" + COMPILED: times[
+                    "base" + COMPILED]}, "base" + COMPILED)[name]["ratio_vs_base"]
+                if name in compile_time and mode == "train step":
+                    row["compile_s"] = compile_time[name]
+            if mode == "train step" and name in saved:
                 row["saved_bytes"] = saved[name]
                 if peak[name] is not None:
                     row["peak_bytes"] = peak[name]
@@ -209,6 +246,7 @@ def main():
     parser.add_argument("--prefix", type=int, default=16)
     parser.add_argument("--lora-dropouts", type=float, nargs="+", default=[0.0, 0.1])
     parser.add_argument("--no-peak-rss", action="store_true", help="skip the per-contender peak memory (CPU)")
+    parser.add_argument("--compile", action="store_true", help="LoRA contenders eager and under torch.compile")
     parser.add_argument("--rss-of", default=None, help=argparse.SUPPRESS)  # internal: peak_rss_bytes' child
     common.add_run_options(parser, rounds=20, warmup=3)
     args = parser.parse_args()
@@ -216,7 +254,11 @@ def main():
         torch.set_num_threads(args.threads)
         rss_child(args)
         return
-    common.run_and_report(args, run, COLUMNS, "model", "model")
+    if args.compile:
+        common.run_and_report(args, run, COLUMNS + [("x c.base", ">8.3f", "ratio_vs_compiled_base")],
+                              "model-compile", "model --compile")
+    else:
+        common.run_and_report(args, run, COLUMNS, "model", "model")
 
 if __name__ == "__main__":
     main()

@@ -1,5 +1,6 @@
 """peftlite: small, fast, exact parameter-efficient fine-tuning layers for PyTorch."""
 
+from . import hf  # noqa: F401  (registers its events: save_pretrained of adapted transformers models)
 from .adapters import (active_adapters, adapter_names, adapter_per_row, delete_adapter, disable_adapters, set_adapter,
                        summary)
 from .bottleneck import Adapter
@@ -10,10 +11,10 @@ from .io import load_adapter, save_adapter
 from .lora import LoRALayer, LoRALinear
 from .model import inject, merge, unload, unmerge
 from .prefix import PrefixEncoder
-from .training import check_gradients
+from .training import check_gradients, enable_input_require_grads
 
-__all__ = ["Adapter", "LoRALayer", "LoRALinear", "PeftliteError", "PrefixEncoder", "active_adapters", "adapter_names", "check_gradients",
-           "adapter_per_row", "combine_adapters", "delete_adapter", "disable_adapters", "extract_adapter", "inject", "load_adapter", "merge", "merge_checkpoint",
-           "save_adapter",
-           "set_adapter", "summary", "unload", "unmerge"]
+__all__ = ["Adapter", "LoRALayer", "LoRALinear", "PeftliteError", "PrefixEncoder", "active_adapters", "adapter_names",
+           "adapter_per_row", "check_gradients", "combine_adapters", "delete_adapter", "disable_adapters",
+           "enable_input_require_grads", "extract_adapter", "inject", "load_adapter", "merge", "merge_checkpoint",
+           "save_adapter", "set_adapter", "summary", "unload", "unmerge"]
 __version__ = "0.1.0"

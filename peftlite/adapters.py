@@ -19,11 +19,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from . import events
 from .bottleneck import Adapter
 from .errors import PeftliteError
 from .fast_path import sync_fast_path_guards
-from .hf import release_save_pretrained
-from .training import unhook_embeddings
 from .lora import LoRALayer, lora_layers, remove_lora
 from .model import (CONTEXT, TRAINED, adapter_modules, is_adapted, refuse_in_context, replace, unwrap)
 from .ops.row_mix import RowMix
@@ -220,6 +219,7 @@ def adapter_per_row(model: nn.Module, names):
         raise PeftliteError(f"adapter_per_row: {prefixed[0]!r} is a prefix, which applies to the whole batch; "
                             "per-row batches take LoRA and bottleneck adapters.")
     refuse_merged(bare, "adapter_per_row", layers=layers)
+    refuse_sequence_first(bare, [*layers, *wrappers])
     chosen = list(dict.fromkeys(n for n in rows if n is not None))
     index = torch.tensor([-1 if n is None else chosen.index(n) for n in rows])  # [B]
     flags = adapter_flags(layers, wrappers)
@@ -233,16 +233,54 @@ def adapter_per_row(model: nn.Module, names):
         adapter.adapter_rows = bottleneck_rows(adapter, chosen, index)
     if torch.is_grad_enabled():  # a training batch: only its adapters train (serving changes no flag)
         train_only(bare, chosen, layers, wrappers)
+    check = bare.register_forward_pre_hook(BatchCheck(len(rows)), with_kwargs=True)
     try:
         with entered(bare, "adapter_per_row"):
             yield model
     finally:
+        check.remove()
         for layer in layers.values():
             layer.lora_rows = None
         for adapter in wrappers.values():
             adapter.adapter_rows = None
         for param, flag in flags:
             param.requires_grad_(flag)
+
+
+def refuse_sequence_first(model: nn.Module, adapted: list[str]) -> None:
+    """Raise if an adapted module is inside, or wraps, a module that takes sequence-first inputs
+    (``batch_first=False``): its layers see [T, B, ...], so rows would be read as positions."""
+    for path, module in model.named_modules():
+        layer = isinstance(module, (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer))  # keeps it on self_attn
+        if getattr(module.self_attn if layer else module, "batch_first", None) is False:
+            near = next((a for a in adapted if a == path or a.startswith(f"{path}.") or not a
+                         or path.startswith(f"{a}.") or not path), None)
+            if near is not None:
+                raise PeftliteError(f"adapter_per_row: '{path or type(module).__name__}' ({type(module).__name__}) "
+                                    f"takes sequence-first inputs (batch_first=False), so the adapted '{near}' does "
+                                    "not see the rows of the batch on its leading axis; rows would be mixed. Build "
+                                    "it with batch_first=True to choose adapters per row.")
+
+
+class BatchCheck:
+    """A forward pre-hook on the model while ``adapter_per_row`` is entered: the batch must have one row per
+    name. A layer seeing [B*T, d] cannot tell 4 rows from 2 rows of 2 tokens; the model's input can. Eager
+    only: under torch.compile the layers' own shape checks stand (a hook traced into a graph would keep the
+    first batch's row count)."""
+
+    def __init__(self, rows: int):
+        self.rows = rows
+
+    def __call__(self, module, args, kwargs):
+        if torch.compiler.is_compiling():
+            return None
+        batched = [v for v in kwargs.values() if isinstance(v, torch.Tensor) and v.ndim >= 2]  # not cache_position
+        candidates = [*args, kwargs.get("input_ids"), kwargs.get("inputs_embeds"), *batched]
+        first = next((t for t in candidates if isinstance(t, torch.Tensor) and t.ndim >= 1), None)
+        if first is not None and first.shape[0] != self.rows:
+            raise PeftliteError(f"adapter_per_row: {self.rows} names (one per row) for a batch of {first.shape[0]} "
+                                f"rows (input shape {tuple(first.shape)}); pass exactly one name (or None) per row.")
+        return None
 
 
 def lora_rows(layer: LoRALayer, chosen: list[str], index: torch.Tensor) -> RowMix:
@@ -306,8 +344,7 @@ def delete_adapter(model: nn.Module, name: str) -> nn.Module:
     if not adapter_names(bare):
         for module in bare.modules():
             module.__dict__.pop(TRAINED, None)
-        release_save_pretrained(bare)
-        unhook_embeddings(bare)
+        events.released(bare)
     sync_fast_path_guards(bare, is_adapted)
     return model
 

@@ -3,7 +3,13 @@
 import math
 import re
 
+from torch import nn
+
 ADAPTER_NAME = re.compile(r"[A-Za-z0-9_\-]+")
+# Adapters are kept by name in nn.ModuleDict / nn.ParameterDict containers, whose keys are also module attributes:
+# a name that is already an attribute of a container ('forward', 'to', 'training', '_parameters', ...) breaks it.
+RESERVED = frozenset(dir(nn.ModuleDict) + dir(nn.ParameterDict) + list(vars(nn.ModuleDict()))
+                     + list(vars(nn.ParameterDict())))
 
 
 class PeftliteError(ValueError):
@@ -46,3 +52,7 @@ def check_adapter_name(name) -> None:
     if not isinstance(name, str) or not ADAPTER_NAME.fullmatch(name):
         raise PeftliteError(f"name={name!r}: an adapter name is a non-empty string of letters, digits, '_' and '-' "
                             "(it becomes one component of state-dict keys). Pass e.g. name='default'.")
+    if name in RESERVED:
+        raise PeftliteError(f"name={name!r} is the name of a torch module attribute or method, which adapters kept "
+                            "by name cannot use (it would shadow or break it). Pick another name, e.g. "
+                            f"name='{name.strip('_')}_adapter'.")

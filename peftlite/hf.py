@@ -20,6 +20,11 @@ from pathlib import Path
 
 from torch import nn
 
+from . import events
+from .io import load_adapter, save_adapter
+from .io.directory import CONFIG_NAME
+from .sharding import given_values, sharded_model
+
 SLOT = "save_pretrained"
 
 
@@ -36,9 +41,6 @@ class AdapterSave:
         self.model = model
 
     def __call__(self, save_directory, *args, is_main_process: bool = True, state_dict=None, **kwargs):
-        from .io import save_adapter
-        from .sharding import given_values, sharded_model
-
         if state_dict is not None:
             if is_main_process:
                 with given_values(self.model, state_dict):
@@ -52,6 +54,7 @@ def pretrained_class():
     return None if modeling is None else getattr(modeling, "PreTrainedModel", None)
 
 
+@events.on_adapted
 def guard_save_pretrained(model: nn.Module) -> None:
     """Give a transformers model holding adapters the adapter-writing ``save_pretrained`` (idempotent)."""
     cls = pretrained_class()
@@ -59,14 +62,13 @@ def guard_save_pretrained(model: nn.Module) -> None:
         model.__dict__[SLOT] = AdapterSave(model)
 
 
+@events.on_released
 def release_save_pretrained(model: nn.Module) -> None:
     if isinstance(model.__dict__.get(SLOT), AdapterSave):
         del model.__dict__[SLOT]
 
 
 def has_adapter_files(directory) -> bool:
-    from .io.directory import CONFIG_NAME
-
     directory = Path(directory)
     return (directory / CONFIG_NAME).is_file() or any((d / CONFIG_NAME).is_file() for d in directory.iterdir()
                                                       if d.is_dir())
@@ -78,8 +80,6 @@ class AdapterCheckpoints:
 
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
         if has_adapter_files(resume_from_checkpoint):
-            from .io import load_adapter
-
             load_adapter(self.model if model is None else model, resume_from_checkpoint)
             return None
         return super()._load_from_checkpoint(resume_from_checkpoint, model)
@@ -87,8 +87,6 @@ class AdapterCheckpoints:
     def _load_best_model(self):
         best = self.state.best_model_checkpoint
         if best is not None and has_adapter_files(best):
-            from .io import load_adapter
-
             load_adapter(self.model, best)
             return None
         return super()._load_best_model()

@@ -12,11 +12,10 @@ import sys
 from torch import nn
 
 from .bottleneck import Adapter, Bottleneck, adapter_sizes, check_adapter_options
+from . import events
 from .errors import PeftliteError, check_adapter_name
 from .fast_path import sync_fast_path_guards
-from .hf import guard_save_pretrained, release_save_pretrained
 from .sharding import refuse_sharded
-from .training import hook_frozen_embeddings, unhook_embeddings
 from .lora import LoRALayer, add_lora, check_lora_options, lora_layers, plan_lora, release
 from .prefix import PrefixEncoder
 from .prefix import attach as prefix_attach
@@ -61,6 +60,19 @@ def refuse_meta(model: nn.Module, action: str) -> None:
                             "Materialize the model first (model.to_empty(device=...) and load its weights).")
 
 
+def refuse_foreign(model: nn.Module, action: str) -> None:
+    """Raise if ``model`` holds another library's adapters (HF PEFT's ``PeftModel`` or tuner layers): peftlite
+    would adapt their ``lora_A``/``lora_B`` Linears and freeze them, silently."""
+    found = next(((name, m) for name, m in model.named_modules() if type(m).__module__.split(".")[0] == "peft"), None)
+    if found is not None:
+        name, module = found
+        raise PeftliteError(f"{action}: the model holds HF PEFT's {type(module).__name__} at '{name or '(root)'}'; "
+                            "peftlite does not adapt another library's adapters. Take them out first: "
+                            "model = model.merge_and_unload() (PEFT's adapters merged into the weights) or "
+                            "model = model.unload() (dropped; model.get_base_model() still holds PEFT's layers). "
+                            "A saved PEFT adapter loads with peftlite.load_adapter(model, directory).")
+
+
 def inject(model: nn.Module, rank: int | None = None, *, method: str = "lora", targets=None, exclude=None,
            trainable=None, **options) -> nn.Module:
     """Add trainable adapters to ``model``, in place, and freeze everything else; return ``model``.
@@ -89,6 +101,7 @@ def inject(model: nn.Module, rank: int | None = None, *, method: str = "lora", t
     """
     bare = unwrap(model)
     refuse_in_context(bare, "inject")
+    refuse_foreign(bare, "inject")
     refuse_sharded(bare, "inject", "Inject before fully_shard: FSDP2 shards the adapters with the rest.")
     if method not in METHODS:
         raise PeftliteError(f"method={method!r}: expected one of {', '.join(map(repr, METHODS))}.")
@@ -108,8 +121,7 @@ def inject(model: nn.Module, rank: int | None = None, *, method: str = "lora", t
         bare.get_submodule(name).__dict__[TRAINED] = True
     freeze_all_but_adapters(bare)
     sync_fast_path_guards(bare, is_adapted)
-    guard_save_pretrained(bare)
-    hook_frozen_embeddings(bare)
+    events.adapted(bare)
     return model
 
 
@@ -484,7 +496,6 @@ def unload(model: nn.Module, merge: bool = True, names=None) -> nn.Module:
     replace(bare, plain)
     result = root if root is not None else bare
     sync_fast_path_guards(result, is_adapted)
-    release_save_pretrained(bare)
-    unhook_embeddings(bare)
+    events.released(bare)
     return result
 

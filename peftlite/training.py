@@ -1,21 +1,23 @@
-"""Training-loop support: gradients through frozen inputs for reentrant checkpointing, and a gradient check.
+"""Training-loop helpers: gradients through frozen inputs for reentrant checkpointing, and a gradient check.
 
 ``torch.utils.checkpoint(..., use_reentrant=True)`` records a block only if one of its inputs requires
 grad. After a frozen embedding nothing does, so the LoRA layers inside would silently get no
-gradient. ``inject`` therefore makes the output of every frozen ``nn.Embedding`` require grad in
-training forwards (what transformers' ``enable_input_require_grads`` does, and what transformers itself
-arranges for its models when checkpointing is enabled, so they are left alone): the cost is the input
-gradient of the first layers (2.3% of a training step of a 4-layer Llama-shaped model on CPU). :func:`check_gradients` reports adapters that a
-backward did not reach, whatever the reason.
+gradient. :func:`enable_input_require_grads` is the opt-in fix (what transformers'
+``model.enable_input_require_grads()`` does for its own models; ``gradient_checkpointing_enable`` arranges
+it there): the output of every frozen ``nn.Embedding`` requires grad in training forwards. ``inject``
+does not do this by itself: it would cost the input gradient of the first layers in every step, and
+a hook on a module ``inject`` does not adapt. Non-reentrant checkpointing (``use_reentrant=False``,
+PyTorch's recommended mode, and the one ``torch.compile`` traces) needs nothing.
+:func:`check_gradients` reports adapters that a backward did not reach, whatever the reason, and names
+the helper.
 """
 
 import torch
 from torch import nn
 
 from .errors import PeftliteError
-from .lora import lora_layers
-
-HOOK = "_peftlite_input_grad"
+from .lora import LoRALayer, lora_layers
+from .model import unwrap
 
 
 def make_output_require_grad(module: nn.Module, args, output):
@@ -25,33 +27,37 @@ def make_output_require_grad(module: nn.Module, args, output):
     return output
 
 
-def hook_frozen_embeddings(model: nn.Module) -> None:
-    """Make every frozen, unadapted embedding's training output require grad (idempotent); transformers
-    models are left to transformers (``gradient_checkpointing_enable``)."""
-    from .hf import pretrained_class
-    from .lora import LoRALayer
+class InputGrads:
+    """The hooks :func:`enable_input_require_grads` registered; ``.remove()`` takes them away."""
 
-    cls = pretrained_class()
-    if cls is not None and isinstance(model, cls):
-        return
-    for module in model.modules():
-        if isinstance(module, nn.Embedding) and not isinstance(module, LoRALayer) \
-                and not module.weight.requires_grad and HOOK not in module.__dict__:
-            module.__dict__[HOOK] = module.register_forward_hook(make_output_require_grad)
+    def __init__(self, handles: list):
+        self.handles = handles
 
-
-def unhook_embeddings(model: nn.Module) -> None:
-    for module in model.modules():
-        handle = module.__dict__.pop(HOOK, None)
-        if handle is not None:
+    def remove(self) -> None:
+        for handle in self.handles:
             handle.remove()
+        self.handles = []
+
+
+def enable_input_require_grads(model: nn.Module) -> InputGrads:
+    """Make the training output of every frozen ``nn.Embedding`` in ``model`` require grad, so that
+    reentrant activation checkpointing records the blocks after it (and trains the LoRA layers
+    inside). Returns a handle whose ``.remove()`` undoes it. Eager mode: under ``torch.compile`` use
+    ``use_reentrant=False``, which needs no helper.
+    """
+    bare = unwrap(model)
+    frozen = [m for m in bare.modules() if isinstance(m, nn.Embedding) and not isinstance(m, LoRALayer)
+              and not m.weight.requires_grad]
+    if not frozen:
+        raise PeftliteError("enable_input_require_grads: the model has no frozen nn.Embedding, so there is no "
+                            "frozen input to make require grad. Make the first checkpointed block's input require "
+                            "grad yourself (x.requires_grad_()), or use use_reentrant=False.")
+    return InputGrads([m.register_forward_hook(make_output_require_grad) for m in frozen])
 
 
 def check_gradients(model: nn.Module) -> None:
     """After a backward: raise :class:`PeftliteError` naming every LoRA layer whose trainable adapter
     parameters got no gradient (``None``); pass silently when all did."""
-    from .model import unwrap
-
     layers = lora_layers(unwrap(model))
     missing, trainable = [], 0
     for path, layer in layers.items():
@@ -66,8 +72,9 @@ def check_gradients(model: nn.Module) -> None:
         raise PeftliteError("no adapter has a gradient: no backward has run since the gradients were last set to "
                             "None, or none reached the adapters. With torch.utils.checkpoint(use_reentrant=True), "
                             "a block whose inputs do not require grad is not recorded: pass use_reentrant=False, "
-                            "or make the block's input require grad (x.requires_grad_()).")
+                            "call peftlite.enable_input_require_grads(model) (a frozen embedding's output then "
+                            "requires grad), or make the block's input require grad (x.requires_grad_()).")
     raise PeftliteError(f"adapters of {', '.join(missing[:5])}{' and more' if len(missing) > 5 else ''} got no "
                         "gradient in the last backward: their layers did not take part in the loss (a branch not "
                         "taken, a layer called under torch.no_grad(), a reentrant checkpoint whose inputs do not "
-                        "require grad).")
+                        "require grad: peftlite.enable_input_require_grads(model) or use_reentrant=False).")

@@ -7,6 +7,7 @@ model exactly as it was (modules, values, requires_grad flags, hooks) and any ad
 import json
 import math
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -312,7 +313,17 @@ CALLS = {
     "per-row prefix": (lambda: peftlite.inject(tiny_llama(), method="prefix", name="p"),
                        lambda m, t: peftlite.adapter_per_row(m, ["p"]).__enter__(), "'p' is a prefix"),
     "per-row wrong batch": (two_named, lambda m, t: per_row_call(m, ["a", "b", None], torch.randn(2, 12)),
-                            "a per-row batch of 3 rows reached a layer"),
+                            "3 names \\(one per row\\) for a batch of 2 rows"),
+    "per-row fewer names than rows": (two_named, lambda m, t: per_row_call(m, ["a", "b"], torch.randn(4, 12)),
+                                      "2 names \\(one per row\\) for a batch of 4 rows"),
+    "per-row fewer names, 3-D": (two_named, lambda m, t: per_row_call(m, ["a", "b"], torch.randn(4, 3, 12)),
+                                 "2 names \\(one per row\\) for a batch of 4 rows"),
+    "per-row layer sees a multiple": (lambda: two_named_on(Regroup(), ["fc1"]),
+                                      lambda m, t: per_row_call(m, ["a", "b"], torch.randn(2, 6, 12)),
+                                      "a per-row batch of 2 rows .* input has shape \\(4, 3, 12\\)"),
+    "per-row sequence-first": (lambda: two_named_on(nn.Sequential(nn.TransformerEncoderLayer(8, 2, 16)), ["linear1"]),
+                               lambda m, t: per_row_call(m, ["a", "b"], torch.randn(4, 2, 8)),
+                               "'0' \\(TransformerEncoderLayer\\) takes sequence-first inputs"),
     "delete unknown": (two_named, lambda m, t: peftlite.delete_adapter(m, "c"), "'c' is not an adapter"),
     "delete list": (two_named, lambda m, t: peftlite.delete_adapter(m, ["a"]), "expected one adapter name"),
     "delete merged": (lambda: merged(two_named()), lambda m, t: peftlite.delete_adapter(m, "a"), "holds merged"),
@@ -350,6 +361,67 @@ CALLS = {
     "hot swap wider": (lambda: peftlite.inject(mlp(), rank=2, targets=["fc1"]),
                        lambda m, t: peftlite.load_adapter(m, saved(t)), "also adapts 'fc2'"),
 }
+
+
+class Regroup(nn.Module):
+    """Regroups its [B, 2k, d] input as [2B, k, d] before its layer: the layer's leading axis is not the batch."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1 = nn.Linear(12, 5)
+
+    def forward(self, x):
+        return self.fc1(x.reshape(-1, 3, 12))
+
+
+def two_named_on(model, targets):
+    peftlite.inject(model, rank=2, targets=targets, name="a")
+    peftlite.inject(model, rank=2, targets=targets, name="b")
+    with torch.no_grad():
+        for layer in peftlite.lora.lora_layers(model).values():
+            for b in layer.lora_B.values():
+                b.normal_()
+    return model.eval()
+
+
+RESERVED_NAMES = ["forward", "to", "state_dict", "training", "__class__", "_parameters", "cuda", "train", "keys"]
+CALLS.update({f"name {n}": (mlp, lora(name=n), f"name='{n}' is the name of a torch module attribute")
+              for n in RESERVED_NAMES})
+CALLS.update({
+    "name forward, second adapter": (injected, lora(name="forward"), "name='forward' is the name of a torch module"),
+    "adapter name training": (mlp, adapter(name="training"), "name='training' is the name of a torch module"),
+    "adapter name to, second": (lambda: peftlite.inject(mlp(), method="adapter", targets=["fc1"]),
+                                adapter(name="to"), "name='to' is the name of a torch module"),
+    "prefix name train": (tiny_llama, prefix(name="train"), "name='train' is the name of a torch module"),
+    "combine name state_dict": (two_named, lambda m, t: peftlite.combine_adapters(m, {"a": 1.0}, name="state_dict"),
+                                "name='state_dict' is the name of a torch module"),
+    "load name _parameters": (mlp, lambda m, t: peftlite.load_adapter(m, saved(t), name="_parameters"),
+                              "name='_parameters' is the name of a torch module"),
+    "load subfolder named training": (mlp, lambda m, t: peftlite.load_adapter(m, subfolder(t, "training")),
+                                      "folder name cannot be an adapter name .*name='training'"),
+    "save name cuda": (injected, lambda m, t: peftlite.save_adapter(m, t / "out", name="cuda"),
+                       "name='cuda' is the name of a torch module"),
+})
+
+CALLS.update({
+    "inject a PEFT model": (lambda: peft_model(mlp()), lora(rank=2), "holds HF PEFT's .*merge_and_unload"),
+    "inject PEFT's base model": (lambda: peft_model(mlp()).get_base_model(), lora(rank=2, targets=["fc1"]),
+                                 "holds HF PEFT's Linear at 'fc1'"),
+    "load onto a PEFT model": (lambda: peft_model(mlp()), lambda m, t: peftlite.load_adapter(m, saved(t)),
+                               "load_adapter: the model holds HF PEFT's"),
+})
+
+
+def peft_model(model):
+    from peft import LoraConfig, get_peft_model
+
+    return get_peft_model(model, LoraConfig(r=2, target_modules=["fc1", "fc2"]))
+
+
+def subfolder(tmp, name):
+    """A directory holding a valid adapter in subfolder ``name`` (as PEFT lays out a second adapter; saved())."""
+    assert (tmp / "multi" / name).is_dir()
+    return tmp / "multi"
 
 
 def int_linear():
@@ -425,6 +497,7 @@ def saved(tmp):
     if not directory.exists():
         peftlite.save_adapter(injected(), directory)
         (tmp / "a_file").write_text("not a directory")
+        shutil.copytree(directory, tmp / "multi" / "training")
     return directory
 
 

@@ -4,6 +4,7 @@ resume), save_pretrained, DDP (gloo, 2 processes) and activation checkpointing."
 
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -202,6 +203,8 @@ def test_checkpointed_blocks_with_dropout_give_the_gradients_of_plain_ones(mode)
     for which in (None, mode):
         torch.manual_seed(0)
         model = peftlite.inject(Blocks(which), rank=2, dropout=0.3, targets=["blocks.0.0", "blocks.1.2"]).train()
+        if which == "reentrant":
+            peftlite.enable_input_require_grads(model)  # the blocks' input comes from a frozen embedding
         with torch.no_grad():
             for name, p in model.named_parameters():
                 if "lora_B" in name:
@@ -235,13 +238,36 @@ def test_a_transformers_model_with_gradient_checkpointing_trains_its_adapters():
     peftlite.check_gradients(model)
 
 
-def test_reentrant_checkpointing_after_a_frozen_embedding_trains_lora_without_a_helper():
+def test_inject_adds_no_hook_and_reentrant_checkpointing_after_a_frozen_embedding_needs_the_helper():
     torch.manual_seed(0)
     model = peftlite.inject(Blocks("reentrant"), rank=2, targets=["blocks.0.0", "blocks.1.2"]).train()
-    model(torch.randint(0, 20, (2, 5))).sum().backward()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_()
+    assert not model.embed._forward_hooks and not model.embed._forward_pre_hooks  # inject touches only its targets
+    ids = torch.randint(0, 20, (2, 5))
+    with warnings.catch_warnings():  # torch warns that no input requires grad
+        warnings.simplefilter("ignore")
+        assert not model(ids).requires_grad  # the checkpointed blocks were not recorded: no adapter can train
+    with pytest.raises(PeftliteError, match="enable_input_require_grads"):
+        peftlite.check_gradients(model)
+    handle = peftlite.enable_input_require_grads(model)
+    model(ids).sum().backward()
     peftlite.check_gradients(model)
-    plain = peftlite.unload(model)
-    assert not plain.embed._forward_hooks  # unload takes the hook away again
+    reentrant = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    model.zero_grad(set_to_none=True)
+    model.mode = None  # the same model without checkpointing: the same gradients
+    model(ids).sum().backward()
+    for name, grad in reentrant.items():
+        torch.testing.assert_close(grad, dict(model.named_parameters())[name].grad)
+    handle.remove()
+    assert not model.embed._forward_hooks
+
+
+def test_enable_input_require_grads_without_a_frozen_embedding_says_so():
+    with pytest.raises(PeftliteError, match="no frozen nn.Embedding"):
+        peftlite.enable_input_require_grads(peftlite.inject(TinyMLP(), rank=2))
 
 
 # ---- mixed precision ----

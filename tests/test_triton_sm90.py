@@ -3,6 +3,11 @@
 The interpreter checks what the kernels compute; it cannot tell whether they compile for real hardware
 or how they use it. Triton's compiler and the ptxas/cuobjdump it ships can, offline
 (benchmarks/triton_sm90.py, run here in a subprocess because this process runs the interpreter).
+
+That every kernel compiles and fits the hardware's shared memory holds for any Triton. Register
+allocation (spills) and pipelining are one compiler version's choices: they are asserted only under the
+Triton version that benchmarks/results/triton-sm90.json was measured with, and skipped under others
+(rerun the benchmark there to see what that version does).
 """
 
 import json
@@ -15,7 +20,11 @@ import pytest
 
 nvidia = pytest.importorskip("triton.backends.nvidia")
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "triton_sm90.py"
+import triton  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "benchmarks" / "triton_sm90.py"
+MEASURED = json.loads((ROOT / "benchmarks" / "results" / "triton-sm90.json").read_text())["meta"]["versions"]["triton"]
 H100_SHARED_BYTES = 227 * 1024  # the most shared memory one block may use on sm_90
 pytestmark = pytest.mark.skipif(not (Path(nvidia.__file__).parent / "bin" / "cuobjdump").exists(),
                                 reason="triton ships no NVIDIA tools on this platform")
@@ -34,6 +43,8 @@ def test_every_kernel_dtype_rank_and_specialization_compiles(report):
     assert [r for r in report if "error" in r] == []
 
 
+@pytest.mark.skipif(triton.__version__ != MEASURED, reason=f"register allocation is Triton {MEASURED}'s, measured in "
+                    f"benchmarks/results/triton-sm90.json; this is Triton {triton.__version__}")
 def test_aligned_launches_do_not_spill_and_pipeline_their_loads(report):
     """Aligned tensors and multiples of 16 (the usual case; the reference shapes): what the tiles were chosen for."""
     aligned = [r for r in report if r["aligned"]]

@@ -16,13 +16,15 @@ from torch import nn
 
 from . import bottleneck_format, lora_format, prefix_format, saved_modules
 from .directory import CONFIG_NAME, WEIGHTS_NAME, as_path, check_same_save, read_config, read_weights, write_adapter
+from .. import events
+from ..adapters import bottleneck_names, lora_names, prefix_names
 from ..errors import PeftliteError, check_adapter_name
 from ..fast_path import sync_fast_path_guards
-from ..hf import guard_save_pretrained
-from ..sharding import wait_for_rank_0, writes_here
-from ..training import hook_frozen_embeddings
-from ..model import adapter_modules, freeze_all_but_adapters, is_adapted, refuse_meta, require_lora, unwrap
+from ..model import (adapter_modules, freeze_all_but_adapters, is_adapted, refuse_foreign, refuse_in_context,
+                     refuse_meta, require_lora, unwrap)
 from ..prefix import attach as prefix_attach
+from ..sharding import wait_for_rank_0, writes_here
+
 
 def check_finite(tensors: dict, source: str) -> None:
     """Every floating-point value in the file must be finite: NaN or Inf would load as a broken adapter."""
@@ -97,7 +99,6 @@ def save_adapter(model: nn.Module, directory, method: str | None = None, name: s
 
 def adapter_methods(model: nn.Module) -> dict[str, list[str]]:
     """``{adapter name: its methods}`` in the model's order."""
-    from ..adapters import bottleneck_names, lora_names, prefix_names
 
     found: dict[str, list[str]] = {}
     for method, names in (("lora", lora_names(model)), ("adapter", bottleneck_names(model)),
@@ -157,10 +158,10 @@ def load_adapter(model: nn.Module, directory, name: str | None = None) -> nn.Mod
     refilled). Every file is checked before anything changes. Every other parameter is frozen,
     as by ``inject``. Returns ``model``.
     """
-    from ..model import refuse_in_context
 
     bare = unwrap(model)
     refuse_in_context(bare, "load_adapter")
+    refuse_foreign(bare, "load_adapter")
     if name is not None:
         check_adapter_name(name)
     refuse_meta(bare, "load_adapter")
@@ -173,8 +174,7 @@ def load_adapter(model: nn.Module, directory, name: str | None = None) -> nn.Mod
         change()
     freeze_all_but_adapters(bare)
     sync_fast_path_guards(bare, is_adapted)
-    guard_save_pretrained(bare)
-    hook_frozen_embeddings(bare)
+    events.adapted(bare)
     return model
 
 
@@ -189,10 +189,10 @@ def adapter_folders(directory: Path, name: str | None) -> list[tuple[str, Path]]
     for folder in subfolders:
         try:
             check_adapter_name(folder.name)
-        except PeftliteError:
-            raise PeftliteError(f"{folder}: holds an adapter, but its folder name is not an adapter name (letters, "
-                                "digits, '_' and '-'); rename the folder, or load it on its own with "
-                                "load_adapter(model, folder, name=...).") from None
+        except PeftliteError as err:
+            raise PeftliteError(f"{folder}: holds an adapter, but its folder name cannot be an adapter name ({err}) "
+                                "Rename the folder, or load it on its own with load_adapter(model, folder, "
+                                "name=...).") from None
         if folder.name == "default" and found:
             raise PeftliteError(f"{folder}: a subfolder named 'default' beside an adapter at the root; both would be "
                                 "adapter 'default'. Load one by path.")

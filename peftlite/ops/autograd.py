@@ -1,8 +1,9 @@
 """The low-rank update as ``torch.library`` custom ops with a hand-written backward (CPU and GPU).
 
 ``peftlite::lora_forward`` and ``peftlite::lora_backward`` are opaque to ``torch.compile``
-(fake implementations give it the output shapes), so a model with injected LoRA compiles with
-``fullgraph=True``. Eager training runs the same two functions as a plain ``autograd.Function``
+(fake implementations give it the output shapes), so a model with injected LoRA dropout compiles with
+``fullgraph=True`` and draws the same dropout as eager. Without dropout, ``torch.compile`` traces the
+update as plain ops instead (:func:`traced_lora_linear`), which inductor fuses with the rest of the model. Eager training runs the same two functions as a plain ``autograd.Function``
 (cheaper to call than the op), and eager calls that need no gradient call the forward directly.
 Against plain autograd over ``addmm`` calls:
 
@@ -179,15 +180,28 @@ def needs_gradient(x, weight, bias, lora_A, lora_B) -> bool:
                                         or weight.requires_grad or (bias is not None and bias.requires_grad))
 
 
+def traced_lora_linear(x, weight, bias, lora_A, lora_B, scaling: float):
+    """``F.linear(x, W, b) + s (x A^T) B^T`` in plain ops, for ``torch.compile`` without dropout.
+
+    Visible to inductor, which fuses the sum and the scale into the GEMMs' epilogues and plans the
+    backward with the rest of the model; the opaque custom op would keep it from doing so (compiled
+    step times in benchmarks/results/model-*.json, ``--compile``).
+    """
+    return torch.nn.functional.linear(x, weight, bias) + torch.nn.functional.linear(x, lora_A).matmul(lora_B.t()) \
+        * scaling
+
+
 def lora_linear(x, weight, bias, lora_A, lora_B, scaling: float, dropout: float = 0.0, kernels: Kernels = TORCH):
     """``x [..., K] -> [..., N]`` through ``kernels`` (the torch path by default); draws the dropout seed.
 
-    Under ``torch.compile`` the custom op runs; eager training runs the same code as an
+    Under ``torch.compile`` plain ops (no dropout) or the custom op run; eager training runs the same code as an
     ``autograd.Function`` and eager calls that need no gradient (inference, decoding) call it
     directly: the custom-op wrappers cost ~100 us per forward+backward on CPU, which dominates
     small layers.
     """
     if torch.compiler.is_compiling():
+        if not dropout and kernels is TORCH:
+            return traced_lora_linear(x, weight, bias, lora_A, lora_B, float(scaling))
         run = kernels.op
     elif needs_gradient(x, weight, bias, lora_A, lora_B):
         run = kernels.function.apply

@@ -48,16 +48,24 @@ def spread(values: torch.Tensor, t: torch.Tensor, axis: int | None = None) -> to
     """``values`` [B] or [B, C] broadcastable against ``t`` [B*k, ...]: rows repeated k times, C on ``axis``
     (None for [C]: ``t`` has no batch axis, an error)."""
     rows, count = values.shape[0], t.shape[0]
-    if t.ndim < 2 or count % rows or (values.ndim == 2 and axis is None):
-        raise PeftliteError(f"a per-row batch of {rows} rows reached a layer whose input has shape {tuple(t.shape)}; "
-                            f"expected a leading axis of {rows} rows (or {rows} * tokens, flattened row by row). "
-                            "Layers that see the batch elsewhere (sequence-first layouts) cannot mix adapters by row.")
+    check_rows(rows, t, values.ndim == 2 and axis is None)
     if count != rows:
         values = values.repeat_interleave(count // rows, dim=0)
     shape = [count] + [1] * (t.ndim - 1)
     if values.ndim == 2:
         shape[axis] = values.shape[1]
     return values.view(shape)
+
+
+def check_rows(rows: int, t: torch.Tensor, unbatched: bool = False) -> None:
+    """Raise unless ``t``'s leading axis holds the ``rows`` rows of a per-row batch: exactly ``rows`` for inputs
+    of 3 or more dims ([B, T, d], [B, C, H, W]); ``rows`` times the tokens per row for 2-D ones ([B*T, d],
+    flattened row by row). A 3-D input with a multiple of ``rows`` is another batch, not ``rows`` rows."""
+    count = t.shape[0] if t.ndim else 0
+    if unbatched or t.ndim < 2 or count % rows or (t.ndim > 2 and count != rows):
+        raise PeftliteError(f"a per-row batch of {rows} rows (one adapter name per row) reached a layer whose input "
+                            f"has shape {tuple(t.shape)}; expected a leading axis of {rows} rows (or, for a 2-D "
+                            f"input, {rows} * tokens, flattened row by row). Pass one name per row of the batch.")
 
 
 def dropout_rows(x: torch.Tensor, probability: torch.Tensor) -> torch.Tensor:
@@ -112,8 +120,7 @@ def gathered_term(x: torch.Tensor, lora_A: list, lora_B: list, scalings: list, r
         return a, b
 
     a, b = cached(rows, f"gathered {x.dtype}", lora_A + lora_B, stack)
-    if x.shape[0] % count:
-        spread(rows.slot, x)  # raises, naming the shapes
+    check_rows(count, x)
     tokens = x.reshape(count, -1, x.shape[-1])  # [B, k, in]: both layouts keep a row's tokens together
     t = torch.bmm(tokens, a.index_select(0, rows.slot).transpose(1, 2))  # [B, k, r]
     y = torch.bmm(t, b.index_select(0, rows.slot).transpose(1, 2))  # [B, k, out]
