@@ -17,12 +17,11 @@ Parameters: ``2 * dim * bottleneck + bottleneck + dim``, plus 1 (``scaling="lear
 ``dim`` (``scaling="channel"``).
 """
 
-import math
 
 import torch
 from torch import nn
 
-from .errors import PeftliteError, check_adapter_name, check_positive_int
+from .errors import MAX_SCALE, MAX_SIZE, PeftliteError, check_adapter_name, check_positive_int, finite_number
 from .ops.row_mix import spread
 
 ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU, "swish": nn.SiLU, "tanh": nn.Tanh,
@@ -39,8 +38,7 @@ def check_adapter_options(dim, bottleneck, reduction_factor, activation, mode, s
     for name, value in (("dim", dim), ("bottleneck", bottleneck)):
         if value is not None:
             check_positive_int(name, value, "or None to infer it")
-    if isinstance(reduction_factor, bool) or not isinstance(reduction_factor, (int, float)) \
-            or not math.isfinite(reduction_factor) or reduction_factor <= 0:
+    if not finite_number(reduction_factor) or reduction_factor <= 0:
         raise PeftliteError(f"reduction_factor={reduction_factor!r}: expected a number > 0 (bottleneck = dim // "
                             "reduction_factor; Houlsby and Pfeiffer use 16).")
     if not isinstance(activation, str) or activation not in ACTIVATIONS:
@@ -49,8 +47,9 @@ def check_adapter_options(dim, bottleneck, reduction_factor, activation, mode, s
         raise PeftliteError(f"mode={mode!r}: expected 'sequential' (adapt the module's output) or 'parallel' "
                             "(add an adapter of the module's input to its output).")
     numeric = isinstance(scaling, (int, float)) and not isinstance(scaling, bool)
-    if numeric and not math.isfinite(scaling):
-        raise PeftliteError(f"scaling={scaling!r}: expected a finite number (or 'learned', 'channel').")
+    if numeric and not finite_number(scaling, MAX_SCALE):
+        raise PeftliteError(f"scaling={scaling!r}: expected a finite number of magnitude at most {MAX_SCALE:g} (or "
+                            "'learned', 'channel').")
     if not numeric and scaling not in LEARNED_SCALINGS:
         raise PeftliteError(f"scaling={scaling!r}: expected a number, 'learned' (one trainable scalar) or 'channel' "
                             "(one trainable factor per feature).")
@@ -272,12 +271,16 @@ def adapter_sizes(base: nn.Module, dim, bottleneck, reduction_factor, mode) -> t
         raise PeftliteError(f"a parallel adapter adds a function of the input to the output, so it needs equal "
                             f"sizes; this Linear maps {base.in_features} -> {base.out_features}. Use "
                             "mode='sequential' or wrap a module whose input and output sizes match.")
-    if bottleneck is None:
-        bottleneck = int(dim // reduction_factor)
-        if bottleneck < 1:
-            raise PeftliteError(f"dim {dim} // reduction_factor {reduction_factor} is 0; pass a smaller "
-                                "reduction_factor or bottleneck=<size>.")
-    return dim, bottleneck
+    return dim, bottleneck if bottleneck is not None else bottleneck_size(dim, reduction_factor)
+
+
+def bottleneck_size(dim: int, reduction_factor: float) -> int:
+    """``dim // reduction_factor``, checked to be a usable size (1 to MAX_SIZE) before anything is allocated."""
+    size = dim // reduction_factor
+    if not 1 <= size <= MAX_SIZE:
+        raise PeftliteError(f"dim {dim} // reduction_factor {reduction_factor} is {size:g}; the bottleneck needs "
+                            f"1 to {MAX_SIZE} features: pass another reduction_factor or bottleneck=<size>.")
+    return int(size)
 
 
 def first_argument(args: tuple, kwargs: dict) -> torch.Tensor:

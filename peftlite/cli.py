@@ -19,7 +19,7 @@ def main(argv=None) -> int:
         return 2
     try:
         return args.run(args)
-    except PeftliteError as err:
+    except (PeftliteError, OSError) as err:  # OSError: whatever the file system says, as one line
         print(f"peftlite {args.command}: error: {err}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
@@ -51,7 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                       "delta's squared Frobenius norm")
     extract.add_argument("--targets", nargs="+", help="module names to extract (default: every 2-D weight but "
                                                       "embeddings and heads)")
-    extract.add_argument("--fan-in-fan-out", action="store_true", help="weights stored [in, out] (GPT-2)")
+    extract.add_argument("--fan-in-fan-out", action="store_const", const=True, default=None,
+                         help="weights stored [in, out] (GPT-2); default: as BASE's config.json says")
     extract.add_argument("--device", default="cpu")
     extract.add_argument("--force", action="store_true")
     extract.set_defaults(run=run_extract)
@@ -94,6 +95,8 @@ def run_extract(args) -> int:
                                  force=args.force, progress=progress)
     for module, (rank, error) in result["layers"].items():
         print(f"{module}: rank {rank}, relative error {error:.3e}")
+    if result["whole"]:
+        print(f"saved whole (changed, not LoRA targets): {', '.join(result['whole'])}")
     print(f"extracted {len(result['layers'])} layers ({result['skipped']} unchanged) in {result['seconds']:.1f} s "
           f"-> {args.out}")
     return 0

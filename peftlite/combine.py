@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from .adapters import adapter_names, lora_names, refuse_merged
-from .errors import PeftliteError, check_adapter_name, check_positive_int, check_probability
+from .errors import MAX_SCALE, PeftliteError, check_adapter_name, check_positive_int, check_probability, finite_number
 from .lora import LoRALayer, LoRASettings, add_lora, lora_layers
 from .model import refuse_in_context, unwrap
 
@@ -49,6 +49,11 @@ def combine_adapters(model: nn.Module, weights: dict, name: str, how: str = "cat
         parts = [(n, float(w)) for n, w in weights.items() if n in layer.lora_settings]
         if parts:
             plans[path] = layer, combine_layer(layer, parts, how, rank, density, drop, generator)
+    for path, (layer, (lora_A, lora_B, _)) in plans.items():  # check all before adding any
+        dtype = layer.lora_A[next(n for n in weights if n in layer.lora_settings)].dtype
+        if not all(bool(t.to(dtype).isfinite().all()) for t in (lora_A, lora_B)):
+            raise PeftliteError(f"combine_adapters: the combination at layer '{path}' holds NaN or Inf in {dtype} "
+                                "(weights too large for the adapters' values); nothing was added.")
     for path, (layer, (lora_A, lora_B, _)) in plans.items():
         dtype = layer.lora_A[next(n for n in weights if n in layer.lora_settings)].dtype
         active = layer.lora_active
@@ -71,8 +76,9 @@ def check_request(model: nn.Module, weights, name, how, rank, density, drop, see
         if adapter not in present:
             raise PeftliteError(f"combine_adapters: {adapter!r} is not a LoRA adapter of this model; its LoRA "
                                 f"adapters are {present}.")
-        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight):
-            raise PeftliteError(f"combine_adapters: the weight of {adapter!r} is {weight!r}; expected a finite number.")
+        if not finite_number(weight, MAX_SCALE):
+            raise PeftliteError(f"combine_adapters: the weight of {adapter!r} is {weight!r}; expected a finite number "
+                                f"of magnitude at most {MAX_SCALE:g}.")
     check_adapter_name(name)
     if name in adapter_names(model):
         raise PeftliteError(f"combine_adapters: name={name!r} is taken; pick a new name for the combination.")

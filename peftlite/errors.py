@@ -35,10 +35,26 @@ def check_probability(name: str, value) -> None:
         raise PeftliteError(f"{name}={value!r}: expected a probability in [0, 1). Pass e.g. {name}=0.05, or 0.")
 
 
-def check_finite(name: str, value) -> None:
-    """Raise unless ``value`` is a finite int or float (not a bool)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise PeftliteError(f"{name}={value!r}: expected a finite number.")
+MAX_SCALE = 2.0**24  # alphas, scalings, merge and combine weights: far beyond any use, and finite in float32 products
+
+
+def finite_number(value, most: float = math.inf) -> bool:
+    """Whether ``value`` is an int or float (not a bool), finite, with ``|value| <= most``; an int too large for
+    a float is not (rather than an OverflowError)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    try:
+        value = float(value)
+    except OverflowError:
+        return False
+    return math.isfinite(value) and abs(value) <= most
+
+
+def check_finite(name: str, value, most: float = math.inf) -> None:
+    """Raise unless ``value`` is a finite int or float (not a bool) of magnitude at most ``most``."""
+    if not finite_number(value, most):
+        raise PeftliteError(f"{name}={value!r}: expected a finite number"
+                            f"{f' of magnitude at most {most:g}' if math.isfinite(most) else ''}.")
 
 
 def check_flag(name: str, value) -> None:

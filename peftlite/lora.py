@@ -27,7 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import PeftliteError, check_adapter_name, check_flag, check_positive_int, check_probability
+from .errors import (MAX_SCALE, PeftliteError, check_adapter_name, check_flag, check_positive_int, check_probability,
+                     finite_number)
 from .kinds import LINEAR_LIKE, Kind, require_kind
 from .ops import exact_merge
 from .ops.backend import lora_linear
@@ -55,10 +56,9 @@ class LoRASettings:
 def check_lora_options(rank, alpha, dropout, init, rslora=False) -> None:
     """Raise :class:`PeftliteError` unless the LoRA hyper-parameters are usable."""
     check_positive_int("rank", rank, "typical: 4 to 64. Pass e.g. rank=8")
-    if alpha is not None and (isinstance(alpha, bool) or not isinstance(alpha, (int, float))
-                              or not math.isfinite(alpha) or not alpha > 0):
-        raise PeftliteError(f"alpha={alpha!r}: expected a finite number > 0, or None for alpha = rank. "
-                            "scaling is alpha / rank, so e.g. alpha=16 with rank=8 doubles the update.")
+    if alpha is not None and (not finite_number(alpha, MAX_SCALE) or not alpha > 0):
+        raise PeftliteError(f"alpha={alpha!r}: expected a finite number > 0 and at most {MAX_SCALE:g}, or None for "
+                            "alpha = rank. scaling is alpha / rank, so e.g. alpha=16 with rank=8 doubles the update.")
     check_probability("dropout", dropout)
     check_flag("rslora", rslora)
     if init not in INITS:

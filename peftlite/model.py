@@ -11,7 +11,7 @@ import sys
 
 from torch import nn
 
-from .bottleneck import Adapter, Bottleneck, adapter_sizes, check_adapter_options
+from .bottleneck import Adapter, Bottleneck, adapter_sizes, bottleneck_size, check_adapter_options
 from . import events
 from .errors import PeftliteError, check_adapter_name
 from .fast_path import sync_fast_path_guards
@@ -174,7 +174,7 @@ def inject_adapters(model: nn.Module, *, targets=None, exclude=None, dim=None, b
             raise PeftliteError(f"module '{path}': {err}") from None
     extend = [path for path in names if isinstance(model.get_submodule(path), Adapter)]
     for module in {id(m): m for m in map(model.get_submodule, extend)}.values():
-        size = bottleneck if bottleneck is not None else int(module.dim // reduction_factor)
+        size = bottleneck if bottleneck is not None else bottleneck_size(module.dim, reduction_factor)
         module.add(name, size, activation, scaling, dropout, init)
     fresh = [path for path in names if path not in extend]
     if fresh:
@@ -191,9 +191,8 @@ def check_another_bottleneck(module: Adapter, name: str, dim, bottleneck, reduct
                             f"same mode (got {mode!r})")
     if dim is not None and dim != module.dim:
         raise PeftliteError(f"dim={dim} does not match its adapters' dim {module.dim}; leave dim out")
-    if bottleneck is None and int(module.dim // reduction_factor) < 1:
-        raise PeftliteError(f"dim {module.dim} // reduction_factor {reduction_factor} is 0; pass a smaller "
-                            "reduction_factor or bottleneck=<size>")
+    if bottleneck is None:
+        bottleneck_size(module.dim, reduction_factor)
 
 
 def inject_prefix(model: nn.Module, *, targets=None, exclude=None, prefix_len: int = 10,
@@ -321,15 +320,23 @@ def unmergeable(model: nn.Module) -> str:
     return " and ".join(parts)
 
 
+def storage_key(tensor) -> tuple:
+    """What two tensors share when writing one changes the other: their storage (two Parameter objects over
+    one storage, as ``load_state_dict(tied, assign=True)`` leaves, are tied as much as one shared Parameter)."""
+    if tensor.is_meta or not tensor.numel():  # no storage to share
+        return ("object", id(tensor))
+    return (tensor.device, tensor.untyped_storage().data_ptr())
+
+
 def check_unshared(model: nn.Module, layers: dict[str, LoRALayer]) -> None:
-    """Refuse to merge a weight that another module holds too (tied weights): the merge would change it."""
-    holders: dict[int, dict[int, str]] = {}
+    """Refuse to merge a weight whose storage another module holds too (tied weights): the merge would change it."""
+    holders: dict[tuple, dict[int, str]] = {}
     for name, module in model.named_modules(remove_duplicate=False):
-        for key, param in module._parameters.items():
-            if param is not None:
-                holders.setdefault(id(param), {}).setdefault(id(module), f"{name}.{key}" if name else key)
+        for key, tensor in [*module._parameters.items(), *module._buffers.items()]:
+            if tensor is not None:
+                holders.setdefault(storage_key(tensor), {}).setdefault(id(module), f"{name}.{key}" if name else key)
     for name, layer in layers.items():
-        others = [path for owner, path in holders.get(id(layer.weight), {}).items() if owner != id(layer)]
+        others = [path for owner, path in holders.get(storage_key(layer.weight), {}).items() if owner != id(layer)]
         if others:
             raise PeftliteError(f"merge: the weight of LoRA layer '{name}' is shared with '{others[0]}' (tied "
                                 "weights), so merging would change that module too; no layer was changed. Keep the "

@@ -411,6 +411,66 @@ CALLS.update({
                                "load_adapter: the model holds HF PEFT's"),
 })
 
+CALLS.update({
+    "save two over one": (two_named, lambda m, t: peftlite.save_adapter(m, saved(t)),
+                          "already holds adapter\\(s\\) \\(root\\) from an earlier save"),
+    "save one over a subfolder": (injected, lambda m, t: peftlite.save_adapter(m, subfolder(t, "training")),
+                                  "already holds adapter\\(s\\) 'training' from an earlier save"),
+    "save NaN adapter": (lambda: nan_adapter(injected()), lambda m, t: peftlite.save_adapter(m, t / "out"),
+                         "'base_model.model.fc1.lora_B.weight' holds NaN or Inf values; the run diverged"),
+    "save Inf trained head": (lambda: inf_head(peftlite.inject(mlp(), rank=2, trainable=["head"])),
+                              lambda m, t: peftlite.save_adapter(m, t / "out"), "head.weight' holds NaN or Inf"),
+})
+
+CALLS.update({
+    "merge tied by storage": (lambda: peftlite.inject(tied_by_storage(), rank=2, targets=["0", "1"]),
+                              lambda m, t: peftlite.merge(m), "weight of LoRA layer '0' is shared with '1.weight'"),
+    "unload tied by storage": (lambda: peftlite.inject(tied_by_storage(), rank=2, targets=["0", "1"]),
+                               lambda m, t: peftlite.unload(m), "weight of LoRA layer '0' is shared with '1.weight'"),
+})
+
+CALLS.update({
+    "alpha int 10**400": (mlp, lora(alpha=10**400), "alpha=10000000000000000000000000000000000000000"),
+    "alpha 1e308": (mlp, lora(alpha=1e308), "alpha=1e\\+308: expected a finite number > 0 and at most"),
+    "combine weight 1e300": (two_named, lambda m, t: peftlite.combine_adapters(m, {"a": 1e300, "b": 1.0}, name="c"),
+                             "the weight of 'a' is 1e\\+300"),
+    "combine weight 10**400": (two_named, lambda m, t: peftlite.combine_adapters(m, {"a": 10**400}, name="c",
+                                                                                 how="svd"), "the weight of 'a'"),
+    "combine overflows fp16": (lambda: half_named(), lambda m, t: peftlite.combine_adapters(
+        m, {"a": 2.0**23, "b": 1.0}, name="c", how="cat"), "holds NaN or Inf in torch.float16"),
+    "adapter reduction 1e-30": (mlp, adapter(reduction_factor=1e-30), "reduction_factor 1e-30 is .*the bottleneck "
+                                "needs 1 to 65536"),
+    "adapter reduction 1e-30, second": (lambda: peftlite.inject(mlp(), method="adapter", targets=["fc1"]),
+                                        adapter(reduction_factor=1e-30, name="b"), "reduction_factor 1e-30"),
+    "adapter scaling huge": (mlp, adapter(scaling=1e300), "scaling=1e\\+300"),
+})
+
+
+def half_named():
+    model = two_named()
+    for layer in peftlite.lora.lora_layers(model).values():
+        for name in layer.lora_settings:
+            layer.lora_A[name].data = layer.lora_A[name].data.half() * 100
+            layer.lora_B[name].data = layer.lora_B[name].data.half() * 100
+    return model
+
+
+def tied_by_storage():
+    """Two Parameter objects over one storage: what load_state_dict(assign=True) of a tied state dict leaves."""
+    source = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4))
+    source[1].weight = source[0].weight
+    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4))
+    model.load_state_dict(source.state_dict(), assign=True)
+    assert model[0].weight is not model[1].weight
+    assert model[0].weight.data_ptr() == model[1].weight.data_ptr()
+    return model
+
+
+def inf_head(model):
+    with torch.no_grad():
+        model.head.weight[0, 0] = math.inf
+    return model
+
 
 def peft_model(model):
     from peft import LoraConfig, get_peft_model
@@ -670,7 +730,7 @@ FILES = {
     "A wrong shape": ("lora", put(A, torch.zeros(2, 11)), "shape mismatch for layer 'fc1'"),
     "B wrong shape": ("lora", put(B, torch.zeros(23, 2)), "shape mismatch for layer 'fc1'"),
     "A transposed": ("lora", weights_edit(lambda t: t.__setitem__(A, t[A].t().contiguous())), "shape mismatch"),
-    "A scalar": ("lora", put(A, torch.zeros(())), "shape mismatch for layer 'fc1'"),
+    "A scalar": ("lora", put(A, torch.zeros(())), "layer 'fc1' has A of shape \\(\\) .* expected 2-D pairs"),
     "A int64": ("lora", put(A, torch.zeros(2, 12, dtype=torch.int64)), "dtype torch.int64"),
     "A bool": ("lora", put(A, torch.zeros(2, 12, dtype=torch.bool)), "dtype torch.bool"),
     "B int8": ("lora", put(B, torch.zeros(24, 2, dtype=torch.int8)), "dtype torch.float32/torch.int8"),

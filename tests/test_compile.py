@@ -103,3 +103,37 @@ def test_every_layer_kind_compiles_with_fullgraph():
         for name, grad in expected_grads.items():
             assert_close_dtype(dict(host.named_parameters())[name].grad, grad.double(), torch.float32)
         torch._dynamo.reset()
+
+
+class Embedded(nn.Module):
+    """A plain-PyTorch model with a frozen (unadapted) embedding before its Linear layers."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(17, 12)
+        self.mlp = TinyMLP()
+
+    def forward(self, ids):
+        return self.mlp(self.embed(ids))
+
+
+@pytest.mark.parametrize("method", ["lora", "adapter"])
+def test_a_model_with_a_frozen_embedding_compiles_with_fullgraph_forward_and_backward(method):
+    torch.manual_seed(0)
+    options = {"rank": 3} if method == "lora" else {"method": "adapter", "targets": ["mlp.fc1"], "init": "normal"}
+    model = peftlite.inject(Embedded(), **options).train()
+    randomize_lora(model)
+    ids = torch.randint(0, 17, (3, 5))
+    eager = model(ids)
+    eager.square().sum().backward()
+    expected = grads(model)
+    assert expected  # the adapters got gradients
+    model.zero_grad()
+    out = torch.compile(model, fullgraph=True)(ids)  # fullgraph: a graph break raises
+    out.square().sum().backward()
+    torch.testing.assert_close(out, eager)
+    got = grads(model)
+    assert got.keys() == expected.keys()
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name])
+    torch._dynamo.reset()

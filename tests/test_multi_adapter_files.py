@@ -162,7 +162,7 @@ def test_loading_several_checks_every_folder_before_changing_the_model(tmp_path)
     (tmp_path / "b" / "adapter_model.safetensors").write_bytes(b"broken")
     assert_load_refused(tiny_llama(), tmp_path, "b/adapter_model.safetensors: not a readable safetensors file")
     (tmp_path / "b").rename(tmp_path / "b.v2")
-    assert_load_refused(tiny_llama(), tmp_path, "folder name is not an adapter name")
+    assert_load_refused(tiny_llama(), tmp_path, "folder name cannot be an adapter name")
 
 
 def test_bottleneck_adapters_by_name_round_trip(tmp_path):

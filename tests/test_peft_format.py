@@ -3,6 +3,7 @@
 import re
 
 import pytest
+import torch
 
 import peftlite
 from peftlite import PeftliteError
@@ -27,7 +28,7 @@ def test_patterns_hold_the_layers_that_differ_and_match_only_them():
     peftlite.inject(model, rank=2, alpha=5, targets=["model.layers.0.mlp.up_proj"])
     config = build_config(model, lora_layers(model), "default")
     assert config["r"] == 8 and config["lora_alpha"] == 16
-    assert config["rank_pattern"] == {re.escape("model.layers.0.mlp.up_proj"): 2}
+    assert config["rank_pattern"] == {"^" + re.escape("model.layers.0.mlp.up_proj"): 2}
     assert layer_settings(config, "model.layers.0.mlp.up_proj") == LoRASettings(2, 5.0)
     assert layer_settings(config, "model.layers.1.mlp.up_proj") == LoRASettings(8, 16.0)
 
@@ -55,3 +56,41 @@ def test_configured_targets_follow_peft_rules():
 def test_unsupported_configs_are_named(config, match):
     with pytest.raises(PeftliteError, match=match):
         check_config(config, "adapter_config.json")
+
+
+class Nested(torch.nn.Module):
+    """A top-level ``fc`` beside ``block.fc``: PEFT's pattern rule ``(.*\\.)?key$`` with key ``fc`` matches both."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.fc = torch.nn.Linear(6, 6)
+        self.block = torch.nn.Module()
+        self.block.fc = torch.nn.Linear(6, 6)
+        self.block.out = torch.nn.Linear(6, 6)
+
+    def forward(self, x):
+        return self.block.out(self.block.fc(self.fc(x)))
+
+
+@pytest.mark.parametrize("differ", ["alpha", "rank"])
+def test_pattern_keys_match_exactly_one_layer_in_peftlite_and_peft(differ, tmp_path):
+    """The odd layer is the top-level ``fc``: a key ``fc`` would give ``block.fc`` its alpha (or rank)."""
+    from peft import PeftModel
+
+    model = Nested()
+    peftlite.inject(model, rank=3 if differ == "rank" else 2, alpha=32, targets=["fc"], exclude=["block.fc"])
+    peftlite.inject(model, rank=2, alpha=8, targets=["block.fc", "block.out"])
+    config = build_config(model, lora_layers(model), "default")
+    assert list(config[f"{differ}_pattern"]) == ["^fc"]
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for layer in lora_layers(model).values():
+            layer.lora_B["default"].copy_(torch.randn(layer.lora_B["default"].shape, generator=generator))
+    x = torch.randn(4, 6, generator=generator)
+    expected = model(x)
+    peftlite.save_adapter(model, tmp_path)
+    ours = peftlite.load_adapter(Nested(), tmp_path)
+    theirs = PeftModel.from_pretrained(Nested(), tmp_path).eval()
+    torch.testing.assert_close(ours(x), expected)
+    torch.testing.assert_close(theirs(x), expected)

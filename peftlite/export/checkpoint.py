@@ -117,7 +117,12 @@ class Output:
 
     def __init__(self, directory, force: bool, inputs: list[Path], what: str = "OUT"):
         directory = as_path(directory, what)
-        resolved = directory.resolve()
+        try:
+            resolved = directory.resolve()
+            directory.exists()
+        except (OSError, RuntimeError) as err:  # a symlink loop: RuntimeError before Python 3.13, OSError after
+            raise PeftliteError(f"{what} {directory}: cannot be resolved ({err}); a symlink loop? Pass another "
+                                "directory.") from None
         for source in inputs:
             source = source.resolve()
             if resolved == source or resolved == source.parent or resolved in source.parents:

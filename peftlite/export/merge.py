@@ -28,8 +28,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..errors import PeftliteError
-from ..io import KEY_PREFIX, adapter_folders, check_finite
+from ..errors import MAX_SCALE, PeftliteError, check_flag, finite_number
+from ..io import KEY_PREFIX, adapter_folders, check_finite, saved_modules
 from ..io.directory import CONFIG_NAME, WEIGHTS_NAME, as_path, check_same_save, read_config, read_weights
 from ..io.lora_format import check_config, layer_settings, split_keys
 from ..io.safetensors_file import SIZES, StreamWriter, read_tensor
@@ -74,6 +74,9 @@ def merge_checkpoint(base, adapter, out, adapters=None, dtype: str | None = None
     complete written, on any bad input.
     """
     started = time.perf_counter()
+    check_flag("force", force)
+    if progress is not None and not callable(progress):
+        raise PeftliteError(f"progress={progress!r}: expected a callable (done, total, bytes done, bytes) or None.")
     checkpoint = open_checkpoint(base)
     code = check_dtype(dtype)
     device = check_device(device)
@@ -83,6 +86,10 @@ def merge_checkpoint(base, adapter, out, adapters=None, dtype: str | None = None
     try:
         totals = write_merged(checkpoint, plan, output, code, device, progress)
         output.commit(last=(INDEX, "config.json"))
+    except OSError as err:  # a full disk, a vanished input
+        output.abort()
+        raise PeftliteError(f"OUT {output.directory}: writing failed ({err.strerror or err}); nothing complete was "
+                            "written.") from None
     except BaseException:
         output.abort()
         raise
@@ -104,6 +111,9 @@ def check_device(device: str) -> torch.device:
         device = torch.device(device)
     except (RuntimeError, TypeError):
         raise PeftliteError(f"device={device!r}: expected 'cpu' or 'cuda' (or 'cuda:N').") from None
+    if device.type not in ("cpu", "cuda"):
+        raise PeftliteError(f"device={str(device)!r}: expected 'cpu' or 'cuda' (or 'cuda:N'): deltas are computed "
+                            "there.")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise PeftliteError("device='cuda', but no CUDA device is available here; use --device cpu.")
     return device
@@ -115,16 +125,20 @@ def plan_merge(checkpoint: Checkpoint, directory, weights) -> MergePlan:
     entries = checkpoint.entries()
     plan = MergePlan()
     folders = dict(adapter_folders(directory, None))
+    if weights is not None and (not isinstance(weights, dict) or not weights):
+        raise PeftliteError(f"adapters={weights!r}: expected a non-empty dict {{name: weight}} of the adapters to "
+                            f"merge (ADAPTER holds {sorted(folders)}), or None for its single adapter.")
     if weights is None:
         if len(folders) != 1:
             raise PeftliteError(f"ADAPTER {directory} holds adapters {sorted(folders)}; pick them with --adapter "
                                 "NAME[:WEIGHT] (adapters={name: weight}).")
         weights = {next(iter(folders)): 1.0}
     for name, weight in weights.items():
-        if name not in folders:
+        if not isinstance(name, str) or name not in folders:
             raise PeftliteError(f"ADAPTER {directory} has no adapter {name!r}; it holds {sorted(folders)}.")
-        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight):
-            raise PeftliteError(f"the weight of adapter {name!r} is {weight!r}; expected a finite number.")
+        if not finite_number(weight, MAX_SCALE):
+            raise PeftliteError(f"the weight of adapter {name!r} is {weight!r}; expected a finite number of "
+                                f"magnitude at most {MAX_SCALE:g}.")
         plan_adapter(plan, checkpoint, entries, folders[name], f"{name}" if len(folders) > 1 else "", float(weight))
     return plan
 
@@ -152,10 +166,13 @@ def plan_adapter(plan: MergePlan, checkpoint: Checkpoint, entries: dict, folder,
         part = Part(kind, lora_A, lora_B, weight * settings.scaling, f"{source}: {path}")
         plan.parts.setdefault(target, []).append(part)
     prefix = KEY_PREFIX["LORA"]
+    listed = saved_modules.config_entries(config, source)
     for key, tensor in others.items():
         module_key = key.removeprefix(prefix)
         path, _, parameter = module_key.rpartition(".")
-        path = path.removesuffix(".base_layer")  # PEFT's save_embedding_layers: the target's own weight
+        own = path.endswith(".base_layer") and path.removesuffix(".base_layer") in pairs  # save_embedding_layers
+        path = path.removesuffix(".base_layer") if own else path
+        check_whole_module(key, path, own, listed, pairs, source)
         target = names.tensor(path, parameter) if key.startswith(prefix) else None
         if target is None:
             raise PeftliteError(f"{source}: '{key}' (a module saved whole) has no tensor in BASE.")
@@ -168,6 +185,22 @@ def plan_adapter(plan: MergePlan, checkpoint: Checkpoint, entries: dict, folder,
         plan.replaced[target] = tensor
     if label:
         plan.notes.append(f"adapter {label!r}: {len(pairs)} layers, weight {weight:g}")
+
+
+def check_whole_module(key: str, path: str, own: bool, listed: list[str], pairs: dict, source: str) -> None:
+    """A tensor beside the LoRA pairs is what ``load_adapter`` would accept: a LoRA target's own weight (PEFT's
+    ``save_embedding_layers``), or the state of a module the config lists in ``modules_to_save`` that holds
+    no LoRA layer of the file (a module both saved whole and adapted would lose its delta)."""
+    if own:
+        return
+    if not saved_modules.is_listed(listed, path):
+        raise PeftliteError(f"{source}: unexpected key '{key}'; expected LoRA keys "
+                            "('base_model.model.<module>.lora_A.weight', ...) or the state of a module listed in "
+                            f"modules_to_save ({listed or 'none listed'}).")
+    adapted = next((p for p in pairs if p == path or p.startswith(f"{path}.") or path.startswith(f"{p}.")), None)
+    if adapted is not None:
+        raise PeftliteError(f"{source}: '{key}' saves module '{path}' whole (modules_to_save), but the file also "
+                            f"holds LoRA weights for '{adapted}'; a module is either adapted or saved whole.")
 
 
 def layer_kind(kind_key, lora_A, lora_B, entry, rank, config, path, target, source):
@@ -226,7 +259,11 @@ def write_merged(checkpoint: Checkpoint, plan: MergePlan, output: Output, code, 
     sizes = {}
     for shard in checkpoint.shards:
         layout = [(e.name, out_code(e, code), e.shape) for e in shard.entries]
-        writer = StreamWriter(output.path(shard.path.name), layout, shard.metadata)
+        try:
+            writer = StreamWriter(output.path(shard.path.name), layout, shard.metadata)
+        except OSError as err:
+            raise PeftliteError(f"OUT {output.directory}: cannot write {shard.path.name} ({err.strerror or err}).") \
+                from None
         try:
             with open(shard.path, "rb") as f:
                 for entry in shard.entries:
@@ -238,8 +275,11 @@ def write_merged(checkpoint: Checkpoint, plan: MergePlan, output: Output, code, 
                         progress(done["tensors"], len(entries), done["bytes"], total_bytes)
             writer.close()
         except (OSError, ValueError) as err:
-            writer.file.close()
-            raise PeftliteError(f"{shard.path}: {err}") from None
+            try:
+                writer.file.close()
+            except OSError:
+                pass  # the same full disk: the first error is the one to report
+            raise PeftliteError(f"{shard.path} -> OUT: {err}") from None
         sizes.update({name: math.prod(shape) * SIZES[dtype] for name, dtype, shape in layout})
     if checkpoint.index is not None:
         index = dict(checkpoint.index)
@@ -255,13 +295,16 @@ def out_code(entry, code) -> str:
 
 
 def write_entry(writer, f, start, entry, plan: MergePlan, code: str, device) -> str:
-    if entry.name in plan.replaced:
-        writer.write(entry.name, plan.replaced[entry.name].to(FLOATING.get(code, plan.replaced[entry.name].dtype)))
-        return "replaced"
+    """A tensor saved whole replaces the stored one; LoRA deltas are then added to it (a target's own weight in
+    the adapter, as PEFT's ``save_embedding_layers`` writes it, and its delta: as ``load_adapter`` applies both)."""
+    replaced = plan.replaced.get(entry.name)
     if entry.name in plan.parts:
-        weight = read_tensor(f, entry, start)
+        weight = read_tensor(f, entry, start) if replaced is None else replaced.to(FLOATING[entry.dtype]).clone()
         writer.write(entry.name, merge_tensor(weight, plan.parts[entry.name], FLOATING[code], device, entry.name))
         return "merged"
+    if replaced is not None:
+        writer.write(entry.name, replaced.to(FLOATING.get(code, replaced.dtype)))
+        return "replaced"
     if code != entry.dtype:
         writer.write(entry.name, read_tensor(f, entry, start).to(FLOATING[code]))
     else:

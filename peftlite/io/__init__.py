@@ -26,11 +26,28 @@ from ..prefix import attach as prefix_attach
 from ..sharding import wait_for_rank_0, writes_here
 
 
-def check_finite(tensors: dict, source: str) -> None:
-    """Every floating-point value in the file must be finite: NaN or Inf would load as a broken adapter."""
+def check_finite(tensors: dict, source: str, why: str = "the adapter is corrupt or diverged") -> None:
+    """Every floating-point value of an adapter must be finite: NaN or Inf would load as a broken adapter.
+    One check for what is saved and what is loaded (and merged into a checkpoint)."""
     for key, tensor in tensors.items():
         if tensor.is_floating_point() and not bool(tensor.isfinite().all()):
-            raise PeftliteError(f"{source}: '{key}' holds NaN or Inf values; the adapter is corrupt or diverged.")
+            raise PeftliteError(f"{source}: '{key}' holds NaN or Inf values; {why}.")
+
+
+def refuse_stale(directory: Path, folders: list[Path]) -> None:
+    """Raise if ``directory`` holds adapters that a save writing ``folders`` would leave beside the new ones:
+    loading the directory would then give adapters of two saves (Trainer checkpoint folders are not adapters)."""
+    if not directory.is_dir():
+        return
+    held = [directory] if (directory / CONFIG_NAME).is_file() else []
+    held += [d for d in sorted(directory.iterdir()) if d.is_dir() and (d / CONFIG_NAME).is_file()
+             and not (d / TRAINER_STATE).is_file()]
+    stale = [d for d in held if d not in folders]
+    if stale:
+        names = ", ".join("(root)" if d == directory else repr(d.name) for d in stale)
+        raise PeftliteError(f"save_adapter: {directory} already holds adapter(s) {names} from an earlier save that "
+                            "this save would not replace, so loading the directory would give adapters of both "
+                            "saves; nothing was written. Save into an empty directory, or remove those first.")
 
 
 KEY_PREFIX = {"LORA": "base_model.model.", bottleneck_format.PEFT_TYPE: "base_model.model.",  # as PEFT writes
@@ -87,9 +104,12 @@ def save_adapter(model: nn.Module, directory, method: str | None = None, name: s
         tensors, config = payload(model, method_n, n)
         tensors.update(saved_modules.tensors(whole, KEY_PREFIX[config["peft_type"]]))
         refuse_empty(tensors)
+        check_finite(tensors, f"save_adapter: adapter {n!r}", "the run diverged; nothing was written (load_adapter "
+                     "would refuse the file). Save an earlier state, or find the step that made it non-finite")
         config["modules_to_save"] = sorted(whole) or None
         folder = directory if len(held) == 1 or n == "default" else directory / n
         writes.append((folder, tensors, config))
+    refuse_stale(directory, [folder for folder, _, _ in writes])
     if writes_here(model):  # a sharded model: every rank gathered above, rank 0 writes
         for folder, tensors, config in writes:
             write_adapter(folder, tensors, config)

@@ -12,7 +12,6 @@ same target and kind checks ``inject`` uses (:func:`plan_load`), and only then c
 (:func:`apply_load`). Every error names the file and, where there is one, the layer.
 """
 
-import math
 import re
 from collections import Counter
 from dataclasses import dataclass, field, replace
@@ -20,7 +19,7 @@ from dataclasses import dataclass, field, replace
 import torch
 from torch import nn
 
-from ..errors import PeftliteError
+from ..errors import MAX_SCALE, PeftliteError, finite_number
 from ..kinds import CONV1D, KINDS, LINEAR_LIKE, kind_of
 from ..lora import LoRALayer, LoRASettings, add_lora, check_lora_options, lora_layers, plan_lora
 from ..sharding import assign, is_sharded, whole
@@ -83,9 +82,13 @@ def single_value(name: str, values: dict):
 
 
 def common_and_pattern(values: dict[str, float]) -> tuple:
-    """The most common value, and ``{escaped module name: value}`` for the layers that differ."""
+    """The most common value, and ``{pattern key: value}`` for the layers that differ.
+
+    PEFT (and :func:`pattern_value`) match a key as ``(.*\\.)?(key)$``, so a bare name ``fc`` would also
+    match ``block.fc``: each key is the full module path, escaped and anchored with ``^``, which matches
+    that module alone."""
     common = Counter(values.values()).most_common(1)[0][0]
-    pattern = {re.escape(name): value for name, value in values.items() if value != common}
+    pattern = {f"^{re.escape(name)}": value for name, value in values.items() if value != common}
     return (int(common) if float(common).is_integer() else common), pattern
 
 
@@ -133,7 +136,7 @@ def rank_ok(value) -> bool:
 
 
 def alpha_ok(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
+    return finite_number(value, MAX_SCALE) and value > 0
 
 
 def check_pattern(patterns, name: str, ok, source: str) -> None:
@@ -285,7 +288,15 @@ def split_keys(tensors: dict, source: str) -> tuple[dict, dict]:
         if missing:
             raise PeftliteError(f"{source}: missing key '{weight_key(module, missing[0])}' (layer '{module}' has "
                                 f"only {sorted(found)}).")
-        pairs[module] = (kind_keys[0], found[kind_keys[0]], found[kind_keys[1]])
+        a, b = found[kind_keys[0]], found[kind_keys[1]]
+        if not (a.is_floating_point() and b.is_floating_point()):
+            raise PeftliteError(f"{source}: layer '{module}': dtype {a.dtype}/{b.dtype}, expected floating-point "
+                                "weights.")
+        if a.ndim != b.ndim or not 2 <= a.ndim <= 5:
+            raise PeftliteError(f"{source}: layer '{module}' has A of shape {tuple(a.shape)} and B of shape "
+                                f"{tuple(b.shape)}; expected 2-D pairs (Linear, Conv1D, Embedding) or 3- to 5-D "
+                                "pairs (convolutions).")
+        pairs[module] = (kind_keys[0], a, b)
     if not pairs:
         raise PeftliteError(f"{source}: holds no LoRA weights.")
     pairs = dict(sorted(pairs.items()))  # file order is not defined: errors name layers in a stable order
@@ -314,8 +325,6 @@ def plan_layer(model: nn.Module, path: str, kind_key: str, a: torch.Tensor, b: t
         raise PeftliteError(f"{source}: shape mismatch for layer '{path}': file has A {tuple(a.shape)} and B "
                             f"{tuple(b.shape)}; the model's {kind.name} and the config (r={settings.rank}) need "
                             f"{tuple(expected_a)} and {tuple(expected_b)}.")
-    if not (a.is_floating_point() and b.is_floating_point()):
-        raise PeftliteError(f"{source}: layer '{path}': dtype {a.dtype}/{b.dtype}, expected floating-point weights.")
     if isinstance(module, LoRALayer) and name in module.lora_settings:
         if module.merged:
             raise PeftliteError(f"{source}: layer '{path}' is merged; call peftlite.unmerge(model) before loading "

@@ -85,6 +85,29 @@ class Entry:
         return self.end - self.begin
 
 
+def natural(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 2**64
+
+
+def check_entry(name: str, info) -> None:
+    """Raise ValueError unless ``info`` is a tensor entry that safetensors itself reads: a known dtype, a shape of
+    non-negative integers whose running product fits 64 bits, two integer offsets."""
+    if not isinstance(info, dict) or set(info) != {"dtype", "shape", "data_offsets"}:
+        raise ValueError(f"tensor '{name}': entry {info!r} is not {{dtype, shape, data_offsets}}")
+    shape, offsets = info["shape"], info["data_offsets"]
+    if not isinstance(info["dtype"], str) or info["dtype"] not in SIZES:
+        raise ValueError(f"tensor '{name}': unknown dtype {info['dtype']!r}")
+    if not isinstance(shape, list) or not all(natural(d) for d in shape):
+        raise ValueError(f"tensor '{name}': shape {shape!r} is not a list of non-negative integers")
+    if not isinstance(offsets, list) or len(offsets) != 2 or not all(natural(o) for o in offsets):
+        raise ValueError(f"tensor '{name}': data_offsets {offsets!r} are not two non-negative integers")
+    product = SIZES[info["dtype"]]
+    for dim in shape:  # as safetensors checks: every partial product fits, even where a later dim is 0
+        product *= dim
+        if product >= 2**64:
+            raise ValueError(f"tensor '{name}': shape {shape} overflows 64 bits")
+
+
 def read_header(path: Path) -> tuple[list[Entry], dict, int]:
     """``(entries in file order, metadata, offset of the byte buffer)``; raises ValueError on a malformed file."""
     size = path.stat().st_size
@@ -99,11 +122,15 @@ def read_header(path: Path) -> tuple[list[Entry], dict, int]:
     if not isinstance(header, dict):
         raise ValueError("the header is not a JSON object")
     metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise ValueError(f"__metadata__ {metadata!r} is not a map of strings to strings")
+    for name, info in header.items():
+        check_entry(name, info)
     entries, start, expected = [], 8 + length, 0
-    for name, info in sorted(header.items(), key=lambda item: item[1].get("data_offsets", [0])[0]):
+    for name, info in sorted(header.items(), key=lambda item: item[1]["data_offsets"][0]):
         dtype, shape, (begin, end) = info["dtype"], info["shape"], info["data_offsets"]
         count = math.prod(shape)
-        if dtype not in SIZES or begin != expected or end - begin != count * SIZES[dtype]:
+        if begin != expected or end - begin != count * SIZES[dtype]:
             raise ValueError(f"tensor '{name}': dtype {dtype}, shape {shape} and offsets {[begin, end]} disagree")
         entries.append(Entry(name, dtype, list(shape), begin, end))
         expected = end

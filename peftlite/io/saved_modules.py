@@ -44,11 +44,23 @@ def tensors(modules: dict[str, nn.Module], prefix: str) -> dict:
             for name, module in modules.items() for key, tensor in module.state_dict(keep_vars=True).items()}
 
 
-def listed(model: nn.Module, config: dict, source: str) -> set[str]:
-    """The modules the config's ``modules_to_save`` names (exact or dotted suffix), outermost only."""
+def config_entries(config: dict, source: str) -> list[str]:
+    """The config's ``modules_to_save`` entries (module names, exact or dotted suffix), checked."""
     wanted = config.get("modules_to_save") or []
     if not isinstance(wanted, list) or not all(isinstance(entry, str) for entry in wanted):
         raise PeftliteError(f"{source}: modules_to_save={wanted!r}: expected a list of module names (or null).")
+    return wanted
+
+
+def is_listed(entries: list[str], path: str) -> bool:
+    """Whether module ``path`` is, or is inside, a module that ``modules_to_save`` ``entries`` name."""
+    parts = path.split(".")
+    return any(name_matches(e, ".".join(parts[:i])) for e in entries for i in range(1, len(parts) + 1))
+
+
+def listed(model: nn.Module, config: dict, source: str) -> set[str]:
+    """The modules the config's ``modules_to_save`` names (exact or dotted suffix), outermost only."""
+    wanted = config_entries(config, source)
     heads = {path for path, _ in model.named_modules() if path and any(name_matches(e, path) for e in wanted)}
     for path in sorted(heads):
         if any(isinstance(m, LoRALayer) for m in model.get_submodule(path).modules()):
