@@ -325,7 +325,9 @@ class LoRALinear(LoRALayer, nn.Linear):
         return base
 
     def __init__(self, *args, **kwargs):  # everything happened in __new__; nn.Module.__init__ would reset it
-        pass
+        if "_parameters" not in self.__dict__:  # LoRALayer() / LoRALinear(None): __new__ had no layer to adapt
+            raise PeftliteError("LoRALinear(base, rank=...) adapts the nn.Linear it is given; got none. Pass the "
+                                "layer: LoRALinear(nn.Linear(16, 4), rank=2).")
 
 
 def plan_lora(where: str, module: nn.Module, name: str, rank, alpha, dropout, rslora, init, adapter_dtype) -> tuple:
@@ -334,6 +336,9 @@ def plan_lora(where: str, module: nn.Module, name: str, rank, alpha, dropout, rs
     check_adapter_name(name)
     check_adapter_dtype(adapter_dtype)
     kind = require_kind(where, module)
+    if module.weight.numel() == 0:
+        raise PeftliteError(f"module '{where}' has an empty weight {tuple(module.weight.shape)}: a layer with no "
+                            "input or output features has nothing for LoRA to adapt.")
     if isinstance(module, LoRALayer):
         if module.merged:
             raise PeftliteError(f"module '{where}' is merged; call peftlite.unmerge(model) before adding adapters.")

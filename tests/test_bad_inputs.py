@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 import peftlite
@@ -445,6 +445,31 @@ CALLS.update({
     "adapter scaling huge": (mlp, adapter(scaling=1e300), "scaling=1e\\+300"),
 })
 
+CALLS.update({
+    "LoRALinear no layer": (mlp, lambda m, t: peftlite.LoRALinear(), "adapts the nn.Linear it is given; got none"),
+    "LoRALinear None": (mlp, lambda m, t: peftlite.LoRALinear(None, rank=2), "got none"),
+    "LoRALinear empty": (mlp, lambda m, t: peftlite.LoRALinear(nn.Linear(0, 4)), "empty weight \\(4, 0\\)"),
+    "inject an empty Linear": (lambda: nn.Sequential(nn.Linear(3, 0)), lora(targets=["0"]), "'0' has an empty weight"),
+    "PrefixEncoder layer float": (mlp, lambda m, t: peftlite.PrefixEncoder(1, 2, 4)(0.5), "layer=0.5"),
+    "PrefixEncoder layer bool": (mlp, lambda m, t: peftlite.PrefixEncoder(2, 2, 4)(True), "layer=True"),
+})
+
+
+
+def shared_pair():
+    model = mlp()
+    model.alias = model.fc1  # one module, two paths
+    return model
+
+
+def shared_bottleneck_file(tmp):
+    """A bottleneck file (written before the snapshot, by saved()) naming fc1 and its alias."""
+    return tmp / "shared"
+
+
+CALLS["bottleneck file names a shared module twice"] = (
+    shared_pair, lambda m, t: peftlite.load_adapter(m, shared_bottleneck_file(t)), "which are one module \\(shared\\)")
+
 
 def half_named():
     model = two_named()
@@ -558,6 +583,14 @@ def saved(tmp):
         peftlite.save_adapter(injected(), directory)
         (tmp / "a_file").write_text("not a directory")
         shutil.copytree(directory, tmp / "multi" / "training")
+        source = peftlite.inject(mlp(), method="adapter", targets=["fc1"], reduction_factor=8)
+        peftlite.save_adapter(source, tmp / "shared")
+        config = json.loads((tmp / "shared" / "adapter_config.json").read_text())
+        config["modules"]["alias"] = config["modules"]["fc1"]
+        (tmp / "shared" / "adapter_config.json").write_text(json.dumps(config))
+        tensors = load_file(tmp / "shared" / "adapter_model.safetensors")
+        tensors.update({k.replace(".fc1.", ".alias."): v.clone() for k, v in tensors.items()})
+        save_file(tensors, tmp / "shared" / "adapter_model.safetensors")
     return directory
 
 
@@ -790,6 +823,11 @@ def bottleneck_option(**change):
     return edit
 
 
+FILES["prefix targets a string"] = ("prefix", config_edit(peftlite_targets="model"), "peftlite_targets='model'")
+FILES["prefix targets empty"] = ("prefix", config_edit(peftlite_targets=[]), "peftlite_targets=\\[\\]")
+FILES["prefix targets numbers"] = ("prefix", config_edit(peftlite_targets=[1]), "peftlite_targets=\\[1\\]")
+FILES["prefix targets unknown"] = ("prefix", config_edit(peftlite_targets=["model.nope"]),
+                                   "peftlite_targets names 'model.nope'")
 FILES["bottleneck activation"] = ("bottleneck", bottleneck_option(activation="softmax"), "activation='softmax'")
 FILES["bottleneck mode"] = ("bottleneck", bottleneck_option(mode="x"), "mode='x'")
 FILES["bottleneck scaling nan"] = ("bottleneck", lambda d: nan_scaling(d), "scaling=nan")

@@ -40,8 +40,11 @@ def tiny_llama():
     return transformers.LlamaForCausalLM(config)
 
 
-def train(output, steps, trainer_class, resume=None):
+def train(output, steps, trainer_class, resume=None, frozen_a=False):
     model = peftlite.inject(tiny_llama(), rank=4, dropout=0.1)
+    for name, param in model.named_parameters():
+        if frozen_a and "lora_A" in name:  # LoRA-FA: A stays as initialised
+            param.requires_grad_(False)
     args = transformers.TrainingArguments(str(output), max_steps=steps, per_device_train_batch_size=4, save_steps=3,
                                           learning_rate=1e-2, use_cpu=True, report_to=[], seed=0, logging_steps=100)
     trainer = trainer_class(model=model, args=args, train_dataset=Tokens())
@@ -75,6 +78,29 @@ def test_the_trainer_checkpoints_hold_the_adapter_alone_and_resume_exactly(tmp_p
     torch.testing.assert_close(logits(again), expected, rtol=0, atol=0)
     theirs = peft.PeftModel.from_pretrained(tiny_llama(), tmp_path / "final")
     torch.testing.assert_close(logits(theirs), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_resuming_restores_values_and_keeps_the_flags_the_user_set(tmp_path):
+    from peftlite.hf import Trainer
+
+    whole, _ = train(tmp_path / "whole", 6, Trainer, frozen_a=True)
+    resumed, _ = train(tmp_path / "resumed", 6, Trainer, resume=tmp_path / "whole" / "checkpoint-3", frozen_a=True)
+    assert all(not p.requires_grad for n, p in resumed.named_parameters() if "lora_A" in n)
+    assert all(p.requires_grad for n, p in resumed.named_parameters() if "lora_B" in n)
+    initial = adapters(peftlite.inject(tiny_llama(), rank=4))
+    for name, value in adapters(resumed).items():
+        torch.testing.assert_close(value, adapters(whole)[name], rtol=0, atol=0)
+        if "lora_A" in name:
+            torch.testing.assert_close(value, initial[name], rtol=0, atol=0)  # never trained
+
+
+def test_a_hot_swap_keeps_requires_grad_flags(tmp_path):
+    model = peftlite.inject(TinyMLP(), rank=2)
+    model.fc1.lora_A["default"].requires_grad_(False)
+    peftlite.save_adapter(model, tmp_path)
+    peftlite.load_adapter(model, tmp_path)
+    assert not model.fc1.lora_A["default"].requires_grad and model.fc1.lora_B["default"].requires_grad
+    assert model.fc2.lora_A["default"].requires_grad
 
 
 def test_the_plain_trainer_writes_adapter_checkpoints_and_refuses_to_resume_silently(tmp_path):

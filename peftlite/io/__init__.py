@@ -20,8 +20,8 @@ from .. import events
 from ..adapters import bottleneck_names, lora_names, prefix_names
 from ..errors import PeftliteError, check_adapter_name
 from ..fast_path import sync_fast_path_guards
-from ..model import (adapter_modules, freeze_all_but_adapters, is_adapted, refuse_foreign, refuse_in_context,
-                     refuse_meta, require_lora, unwrap)
+from ..model import (adapter_modules, adapter_parameters, freeze_all_but_adapters, is_adapted, refuse_foreign,
+                     refuse_in_context, refuse_meta, require_lora, unwrap)
 from ..prefix import attach as prefix_attach
 from ..sharding import wait_for_rank_0, writes_here
 
@@ -190,9 +190,15 @@ def load_adapter(model: nn.Module, directory, name: str | None = None) -> nn.Mod
     if sum(kind == "PREFIX_TUNING" for kind, _ in changes) > 1:
         raise PeftliteError(f"{directory}: holds several prefix-tuning adapters; one model holds one prefix. "
                             "Load one by name=.")
+    held = adapter_parameters(bare, active_only=True)
+    flags = {p: p.requires_grad for p in bare.parameters() if id(p) in held}
     for _, change in changes:
         change()
     freeze_all_but_adapters(bare)
+    active = adapter_parameters(bare, active_only=True)
+    for param, flag in flags.items():  # a hot swap (a Trainer resuming) restores values, not the user's flags
+        if id(param) in active:
+            param.requires_grad_(flag)
     sync_fast_path_guards(bare, is_adapted)
     events.adapted(bare)
     return model

@@ -47,6 +47,12 @@ def load(model: nn.Module, config: dict, tensors: dict, source, name: str = "def
         raise PeftliteError(f"{source}: 'modules' names the root module (''); a bottleneck adapter wraps a "
                             "submodule of the model.")
     plans = {path: plan(model, path, opts, source, name) for path, opts in modules.items()}
+    seen = {}
+    for path in plans:  # one module reachable under two paths gets one adapter: the file names it once
+        other = seen.setdefault(id(model.get_submodule(path)), path)
+        if other != path:
+            raise PeftliteError(f"{source}: 'modules' names '{other}' and '{path}', which are one module (shared); "
+                                "name it once.")
     expected = {f"{PREFIX}{path}.adapter.{key}": shape for path, (_, shapes) in plans.items()
                 for key, shape in shapes.items()}
     for key in sorted(set(tensors) | set(expected)):

@@ -64,8 +64,7 @@ def load(model: nn.Module, config: dict, tensors: dict, source, name: str = "def
                             f"needs floating-point {expected}.")
     encoder = attach.prefix_encoder(model)
     if encoder is None:
-        modules = [(n, m) for n, m in model.named_modules() if n]
-        targets = config.get("peftlite_targets") or default_attention(modules)
+        targets = prefix_targets(model, config, source)
         shape = attach.plan_prefix(model, targets, prefix_len, None)
         check_shape(source, len(targets), shape, layers, heads, width)
     else:
@@ -87,6 +86,26 @@ def load(model: nn.Module, config: dict, tensors: dict, source, name: str = "def
         with torch.no_grad():
             installed.prefix.copy_(table)
     return apply
+
+
+def prefix_targets(model: nn.Module, config: dict, source: str) -> list[str]:
+    """The attention modules a saved prefix goes to: the config's ``peftlite_targets`` (what ``save_adapter``
+    wrote), each a module of the model, or without it the model's self-attention modules (PEFT's files)."""
+    modules = [(n, m) for n, m in model.named_modules() if n]
+    if "peftlite_targets" not in config:
+        found = default_attention(modules)
+        if not found:
+            raise PeftliteError(f"{source}: the model has no attention module for the prefix (expected Hugging Face "
+                                "or nn.MultiheadAttention self-attention).")
+        return found
+    targets, names = config["peftlite_targets"], {n for n, _ in modules}
+    if not isinstance(targets, list) or not targets or not all(isinstance(t, str) for t in targets):
+        raise PeftliteError(f"{source}: peftlite_targets={targets!r}: expected a non-empty list of module names.")
+    missing = next((t for t in targets if t not in names), None)
+    if missing is not None:
+        raise PeftliteError(f"{source}: peftlite_targets names '{missing}', which the model does not have. Is this "
+                            "adapter for another model?")
+    return targets
 
 
 def check_shape(source, count: int, shape: tuple[int, int], layers: int, heads: int, width: int) -> None:

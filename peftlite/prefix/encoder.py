@@ -63,8 +63,10 @@ class PrefixEncoder(nn.Module):
         return nn.functional.linear(hidden, out.weight[columns], out.bias[columns])
 
     def forward(self, layer: int | None = None) -> torch.Tensor:
-        if layer is not None and not 0 <= layer < self.num_layers:
-            raise PeftliteError(f"layer={layer}: this PrefixEncoder has layers 0..{self.num_layers - 1}.")
+        if layer is not None and (isinstance(layer, bool) or not isinstance(layer, int)
+                                  or not 0 <= layer < self.num_layers):
+            raise PeftliteError(f"layer={layer!r}: expected an integer from 0 to {self.num_layers - 1} (one layer's "
+                                "prefixes), or None (all layers).")
         flat = self.flat(layer)
         layers = self.num_layers if layer is None else 1
         prefixes = flat.view(self.prefix_len, layers, 2, self.num_heads, self.head_dim)
