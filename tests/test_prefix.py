@@ -47,5 +47,5 @@ def test_bad_options(kwargs, match):
 
 
 def test_layer_out_of_range():
-    with pytest.raises(PeftliteError, match="layers 0..1"):
+    with pytest.raises(PeftliteError, match="layer=2: expected an integer from 0 to 1"):
         PrefixEncoder(2, 2, 4)(2)
