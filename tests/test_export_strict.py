@@ -15,6 +15,7 @@ from safetensors.torch import load_file, save_file
 import peftlite
 from peftlite import PeftliteError
 from peftlite.export import extract_adapter, merge_checkpoint
+from tests.test_export import randomize
 
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
@@ -33,12 +34,8 @@ def tiny(family="llama"):
         num_key_value_heads=2, tie_word_embeddings=False)).eval()
 
 
-def randomized(model, seed=3):
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name or "lora_embedding_A" in name:
-                p.copy_(torch.randn(p.shape, generator=generator) * 0.1)
+def randomized(model):
+    randomize(model)  # nonzero B (and embedding A): zero hides bugs
     return model
 
 
@@ -251,3 +248,25 @@ def test_a_gpt2_extract_follows_the_config_layout_and_loads_in_both_libraries(ma
     with torch.no_grad():
         for model in (ours, theirs):
             torch.testing.assert_close(model(IDS).logits, tuned(IDS).logits, rtol=1e-4, atol=1e-4)
+
+
+def test_a_full_disk_is_one_line_and_leaves_nothing(made):
+    """A real write failure: the merge runs with a 16 KiB file-size limit (writes past it fail with EFBIG)."""
+    import resource
+    import signal
+    import subprocess
+    import sys
+
+    def limited():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a failed write, not a killed process
+        resource.setrlimit(resource.RLIMIT_FSIZE, (16 << 10, 16 << 10))
+
+    before = files(made)
+    done = subprocess.run([sys.executable, "-m", "peftlite", "merge", made / "base", made / "adapter", made / "out"],
+                          capture_output=True, text=True, preexec_fn=limited)
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert "Traceback" not in done.stderr and len(done.stderr.strip().splitlines()) == 1, done.stderr
+    assert "peftlite merge: error:" in done.stderr
+    after = files(made)
+    assert not [k for k in after if k.startswith("out/")]
+    assert after == before
