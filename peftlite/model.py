@@ -11,8 +11,8 @@ import sys
 
 from torch import nn
 
-from .bottleneck import Adapter, Bottleneck, adapter_sizes, bottleneck_size, check_adapter_options
 from . import events
+from .bottleneck import Adapter, Bottleneck, adapter_sizes, bottleneck_size, check_adapter_options
 from .errors import PeftliteError, check_adapter_name
 from .fast_path import sync_fast_path_guards
 from .sharding import refuse_sharded

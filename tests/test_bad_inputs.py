@@ -470,6 +470,19 @@ def shared_bottleneck_file(tmp):
 CALLS["bottleneck file names a shared module twice"] = (
     shared_pair, lambda m, t: peftlite.load_adapter(m, shared_bottleneck_file(t)), "which are one module \\(shared\\)")
 
+CALLS.update({
+    "enable_input_require_grads string": (mlp, lambda m, t: peftlite.enable_input_require_grads("model"),
+                                          "expected a torch.nn.Module, got str"),
+    "enable_input_require_grads none": (mlp, lambda m, t: peftlite.enable_input_require_grads(None),
+                                        "expected a torch.nn.Module, got NoneType"),
+    "enable_input_require_grads no frozen embedding": (injected, lambda m, t: peftlite.enable_input_require_grads(m),
+                                                       "no frozen nn.Embedding"),
+    "enable_input_require_grads trainable embedding": (
+        lambda: nn.Sequential(nn.Embedding(5, 3), nn.Linear(3, 3)),
+        lambda m, t: peftlite.enable_input_require_grads(m), "no frozen nn.Embedding"),
+    "check_gradients a string": (mlp, lambda m, t: peftlite.check_gradients("model"), "got str"),
+})
+
 
 def half_named():
     model = two_named()

@@ -119,7 +119,6 @@ def save_adapter(model: nn.Module, directory, method: str | None = None, name: s
 
 def adapter_methods(model: nn.Module) -> dict[str, list[str]]:
     """``{adapter name: its methods}`` in the model's order."""
-
     found: dict[str, list[str]] = {}
     for method, names in (("lora", lora_names(model)), ("adapter", bottleneck_names(model)),
                           ("prefix", prefix_names(model))):
@@ -178,7 +177,6 @@ def load_adapter(model: nn.Module, directory, name: str | None = None) -> nn.Mod
     refilled). Every file is checked before anything changes. Every other parameter is frozen,
     as by ``inject``. Returns ``model``.
     """
-
     bare = unwrap(model)
     refuse_in_context(bare, "load_adapter")
     refuse_foreign(bare, "load_adapter")

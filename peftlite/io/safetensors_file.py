@@ -162,8 +162,9 @@ class StreamWriter:
         header, offset = {}, 0
         for name, dtype, shape in entries:
             count = math.prod(shape)
-            header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + count * SIZES[dtype]]}
-            offset += count * SIZES[dtype]
+            end = offset + count * SIZES[dtype]
+            header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, end]}
+            offset = end
         if metadata:
             header["__metadata__"] = metadata
         self.expected = [(name, header[name]["data_offsets"][1] - header[name]["data_offsets"][0])

@@ -3,8 +3,9 @@
 ``peftlite::lora_forward`` and ``peftlite::lora_backward`` are opaque to ``torch.compile``
 (fake implementations give it the output shapes), so a model with injected LoRA dropout compiles with
 ``fullgraph=True`` and draws the same dropout as eager. Without dropout, ``torch.compile`` traces the
-update as plain ops instead (:func:`traced_lora_linear`), which inductor fuses with the rest of the model. Eager training runs the same two functions as a plain ``autograd.Function``
-(cheaper to call than the op), and eager calls that need no gradient call the forward directly.
+update as plain ops instead (:func:`traced_lora_linear`), which inductor fuses with the rest of the
+model. Eager training runs the same two functions as a plain ``autograd.Function`` (cheaper to call
+than the op), and eager calls that need no gradient call the forward directly.
 Against plain autograd over ``addmm`` calls:
 
 - the big GEMMs accumulate onto the low-rank terms (``y = s' t B^T + b``, then
