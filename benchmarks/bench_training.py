@@ -85,13 +85,13 @@ def step_times(args, distributed: bool, wrap: bool = True) -> dict:
     return result
 
 
-def launch_pair(script: list[str], child: str) -> dict:
+def launch_pair(script: list[str], child: str, timeout: float) -> dict:
     """A 2-process child run; a launch whose gloo rendezvous stalls (it happens on shared VMs) is retried once."""
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", *script,
                f"--child={child}"]
     for attempt in range(2):
         try:
-            done = subprocess.run(command, capture_output=True, text=True, check=True, timeout=300)
+            done = subprocess.run(command, capture_output=True, text=True, check=True, timeout=timeout)
             return json.loads(done.stdout.strip().splitlines()[-1])
         except subprocess.TimeoutExpired:
             if attempt:
@@ -105,8 +105,8 @@ def ddp_rows(args) -> list[dict]:
     for _ in range(args.rounds):
         done = subprocess.run([sys.executable, *script, "--child=single"], capture_output=True, text=True, check=True)
         single.append(json.loads(done.stdout.strip().splitlines()[-1]))
-        double.append(launch_pair(script, "ddp"))
-        apart.append(launch_pair(script, "apart"))
+        double.append(launch_pair(script, "ddp", args.launch_timeout))
+        apart.append(launch_pair(script, "apart", args.launch_timeout))
     one, two, floor = (statistics.median(r["seconds"] for r in runs) for runs in (single, double, apart))
     shape = {"hidden": args.hidden, "layers": args.layers, "batch_per_process": args.batch, "seq": args.seq,
              "rank": args.rank, "threads_per_process": 1}
@@ -230,6 +230,8 @@ def main():
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--only", choices=["dpo"], default=None, help="run the DPO rows alone")
+    parser.add_argument("--launch-timeout", type=float, default=300,
+                        help="seconds before a stalled 2-process launch is retried (once)")
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--child", choices=["single", "ddp", "apart"], default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()

@@ -42,7 +42,7 @@ def test_training_benchmark_runs_and_writes_rows(tmp_path):
     out = tmp_path / "result.json"
     subprocess.run([sys.executable, str(BENCHMARKS / "bench_training.py"), "--hidden", "128", "--layers", "1", "--vocab",
                     "64", "--seq", "16", "--steps", "2", "--warmup", "1", "--rounds", "1", "--rank", "2", "--out",
-                    str(out)], check=True, capture_output=True, text=True)
+                    str(out), "--launch-timeout", "60"], check=True, capture_output=True, text=True)
     rows = json.loads(out.read_text())["rows"]
     ddp = next(row for row in rows if row["contender"] == "2 processes (DDP, gloo)")
     assert 0 < ddp["allreduce_bytes_per_step"] < ddp["model_gradient_bytes"] and ddp["ratio_vs_apart"] > 0
