@@ -49,13 +49,14 @@ def combine_adapters(model: nn.Module, weights: dict, name: str, how: str = "cat
         parts = [(n, float(w)) for n, w in weights.items() if n in layer.lora_settings]
         if parts:
             plans[path] = layer, combine_layer(layer, parts, how, rank, density, drop, generator)
+    dtypes = {path: layer.lora_A[next(n for n in weights if n in layer.lora_settings)].dtype
+              for path, (layer, _) in plans.items()}  # the new adapter's: that of the first combined one
     for path, (layer, (lora_A, lora_B, _)) in plans.items():  # check all before adding any
-        dtype = layer.lora_A[next(n for n in weights if n in layer.lora_settings)].dtype
-        if not all(bool(t.to(dtype).isfinite().all()) for t in (lora_A, lora_B)):
-            raise PeftliteError(f"combine_adapters: the combination at layer '{path}' holds NaN or Inf in {dtype} "
-                                "(weights too large for the adapters' values); nothing was added.")
+        if not all(bool(t.to(dtypes[path]).isfinite().all()) for t in (lora_A, lora_B)):
+            raise PeftliteError(f"combine_adapters: the combination at layer '{path}' holds NaN or Inf in "
+                                f"{dtypes[path]} (weights too large for the adapters' values); nothing was added.")
     for path, (layer, (lora_A, lora_B, _)) in plans.items():
-        dtype = layer.lora_A[next(n for n in weights if n in layer.lora_settings)].dtype
+        dtype = dtypes[path]
         active = layer.lora_active
         add_lora(layer, layer.lora_kind, name, LoRASettings(lora_A.shape[0], float(lora_A.shape[0])), "default", dtype)
         layer.lora_active = active  # not active until set_adapter
