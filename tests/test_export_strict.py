@@ -270,3 +270,23 @@ def test_a_full_disk_is_one_line_and_leaves_nothing(made):
     after = files(made)
     assert not [k for k in after if k.startswith("out/")]
     assert after == before
+
+
+def test_a_target_whose_bias_moved_is_carried_whole_and_the_rest_factorized(made):
+    tiny("gpt2").save_pretrained(made / "gbase")
+    tuned = tiny("gpt2")
+    with torch.no_grad():
+        tuned.transformer.h[0].attn.c_attn.weight.add_(0.01)
+        tuned.transformer.h[0].attn.c_attn.bias.add_(0.05)
+        tuned.transformer.h[1].mlp.c_fc.weight.add_(0.01)
+    tuned.save_pretrained(made / "gtuned")
+    result = extract_adapter(made / "gbase", made / "gtuned", made / "glora", rank=64)
+    assert list(result["layers"]) == ["transformer.h.1.mlp.c_fc"] and result["whole"] == ["transformer.h.0.attn.c_attn"]
+    merge_checkpoint(made / "gbase", made / "glora", made / "gback")
+    back = transformers.GPT2LMHeadModel.from_pretrained(made / "gback").eval()
+    ours = peftlite.load_adapter(tiny("gpt2"), made / "glora")
+    theirs = peft.PeftModel.from_pretrained(tiny("gpt2"), made / "glora").eval()
+    with torch.no_grad():
+        expected = tuned.eval()(IDS).logits
+        for model in (back, ours, theirs):
+            torch.testing.assert_close(model(IDS).logits, expected, rtol=1e-4, atol=1e-4)
