@@ -4,11 +4,14 @@ import re
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import peftlite
 from peftlite import PeftliteError
 from peftlite.lora import LoRASettings, lora_layers
-from peftlite.io.lora_format import build_config, check_config, configured_targets, layer_settings, target_list
+from peftlite.io.lora_format import (build_config, check_config, common_and_pattern, configured_targets,
+                                     layer_settings, pattern_value, target_list)
 from tests.models import tiny_llama
 
 
@@ -94,3 +97,14 @@ def test_pattern_keys_match_exactly_one_layer_in_peftlite_and_peft(differ, tmp_p
     theirs = PeftModel.from_pretrained(Nested(), tmp_path).eval()
     torch.testing.assert_close(ours(x), expected)
     torch.testing.assert_close(theirs(x), expected)
+
+
+@given(st.dictionaries(st.lists(st.sampled_from(["fc", "a", "block", "0", "q_proj", "x.y"]), min_size=1, max_size=4)
+                       .map(".".join), st.sampled_from([1.0, 2.0, 8.0, 32.0]), min_size=1, max_size=8))
+@settings(max_examples=200, deadline=None)
+def test_every_pattern_key_gives_its_own_layer_its_value(values):
+    """Module paths drawn so that one is often a dotted suffix of another (``fc``, ``block.fc``) or contains regex
+    characters (``x.y``): the written patterns give every layer exactly its own value, by PEFT's matching rule."""
+    common, pattern = common_and_pattern(values)
+    for path, value in values.items():
+        assert pattern_value(pattern, path, common) == value, (path, pattern)
