@@ -172,7 +172,7 @@ def whole_tensors(tuned: dict, modules: set[str]) -> dict:
         module, _, leaf = name.rpartition(".")
         if module in modules:
             with open(shard.path, "rb") as f:
-                found[f"{PREFIX}{module}.{leaf}"] = read_tensor(f, entry, shard.start).clone()
+                found[f"{PREFIX}{module}.{leaf}"] = read_tensor(f, entry, shard.start)  # its own memory
     return found
 
 
